@@ -1,0 +1,422 @@
+//! `bench fanout`: N subscribers on one channel and one publisher sending R messages per second.
+//!
+//! Each message carries its send time (`"t"`, ns since the UNIX epoch) and padding up to S bytes.
+//! Subscribers compute latency as receive time minus `t`, which needs the bench and the server
+//! to share a clock, so it works on one machine only. The run is split in two: a warm-up,
+//! whose messages are delivered but not counted, then the measured window. A message counts
+//! if its `t` falls inside the window, wherever it is received. After the window, the bench
+//! waits for stragglers until deliveries stop growing. Server and bench CPU are read from
+//! /proc at the window's edges.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use futures_util::{SinkExt, StreamExt};
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::client::{now_ns, open_all, pong, request_reply, Dialer, ErrorSample, Ws};
+use crate::conns::{resolve_server_pid, warn_if_fd_limit_low};
+use crate::stats::{self, Recorder, Window};
+use crate::wire::{self, Line};
+use crate::{procfs, round3, Target};
+
+pub use crate::stats::LatencySummary;
+
+/// Read chunk per subscriber. It is larger than for idle connections, so that a batched frame
+/// usually takes one read.
+const READ_BUFFER: usize = 16 * 1024;
+/// The publisher buffers the messages due at each tick and flushes them with one write.
+const PUBLISHER_WRITE_BUFFER: usize = 64 * 1024;
+/// The publisher's tick. tokio timers have 1 ms resolution. At higher rates, several
+/// messages go out per tick, and each is stamped with its own send time.
+const MIN_TICK: Duration = Duration::from_millis(1);
+/// After the window, the bench stops waiting once deliveries have not grown for this long...
+const DRAIN_IDLE: Duration = Duration::from_secs(1);
+/// ...or after this long in total.
+const DRAIN_MAX: Duration = Duration::from_secs(10);
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// Size of `{"t":<19 digits>,"p":""}`, the data without padding.
+const DATA_OVERHEAD: usize = 32;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct FanoutArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// Number of subscriber connections.
+    #[arg(long, default_value_t = 1000)]
+    pub subs: usize,
+    /// Publications per second.
+    #[arg(long, default_value_t = 100)]
+    pub rate: u32,
+    /// Size in bytes of each publication's `data` (minimum 32).
+    #[arg(long, default_value_t = 128)]
+    pub size: usize,
+    /// Length of the measured window.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Publishing time before the measured window. Its messages are not counted.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+    #[arg(long, default_value = "bench")]
+    pub channel: String,
+    /// Subscriber connection attempts in flight at once.
+    #[arg(long, default_value_t = 200)]
+    pub concurrency: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FanoutReport {
+    pub bench: &'static str,
+    pub subs: usize,
+    /// Subscribers that connected and subscribed.
+    pub subscribed: usize,
+    pub rate: u32,
+    pub size: usize,
+    pub duration_s: f64,
+    /// Publications sent inside the measured window.
+    pub published: u64,
+    /// Publish commands that got an error reply, over the whole run.
+    pub publish_errors: u64,
+    pub expected_deliveries: u64,
+    pub deliveries: u64,
+    /// `1 - deliveries / expected_deliveries`. It is negative if the server duplicated messages.
+    pub loss: f64,
+    pub deliveries_per_s: f64,
+    pub latency_ms: Option<LatencySummary>,
+    /// Subscribers that the server disconnected during the run.
+    pub disconnected: usize,
+    pub server_pid: Option<u32>,
+    pub server_cpu_s: Option<f64>,
+    pub server_cpu_s_per_million_deliveries: Option<f64>,
+    pub deliveries_per_server_cpu_s: Option<f64>,
+    pub bench_cpu_s: Option<f64>,
+    /// The first few distinct errors: failed subscribers, rejected publishes, disconnect reasons.
+    pub errors: Vec<String>,
+}
+
+/// State shared by the receivers.
+struct Shared {
+    window: Window,
+    recorder: Recorder,
+    disconnected: AtomicUsize,
+    errors: Mutex<ErrorSample>,
+}
+
+impl Shared {
+    fn error(&self, e: anyhow::Error) {
+        self.errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .add(&e);
+    }
+}
+
+pub async fn run(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
+    if args.rate == 0 || args.duration.is_zero() {
+        bail!("--rate and --duration must be positive");
+    }
+    warn_if_fd_limit_low(args.subs + 1);
+    let dialer = Arc::new(Dialer::new(&args.target, READ_BUFFER).await?);
+    let pid = resolve_server_pid(&args.target, dialer.port());
+    let shared = Arc::new(Shared {
+        window: Window::new(),
+        recorder: Recorder::new(),
+        disconnected: AtomicUsize::new(0),
+        errors: Mutex::new(ErrorSample::default()),
+    });
+    let subscribe =
+        serde_json::json!({"id": 2, "subscribe": {"channel": args.channel}}).to_string();
+
+    // Subscribers: connect and subscribe with bounded concurrency, then each becomes a receiver.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let opened = {
+        let shared = shared.clone();
+        open_all(
+            args.subs,
+            args.concurrency,
+            move |i| {
+                let (dialer, subscribe) = (dialer.clone(), subscribe.clone());
+                async move {
+                    let mut ws = dialer.open(i).await?;
+                    request_reply(&mut ws, 2, subscribe, "subscribe").await?;
+                    Ok(ws)
+                }
+            },
+            move |i, ws| {
+                let (shared, stop) = (shared.clone(), stop_rx.clone());
+                async move { receive(ws, i, &shared, stop).await }
+            },
+        )
+        .await
+    };
+    let subscribed = opened.connected;
+    let mut tasks = opened.tasks;
+    shared
+        .errors
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .extend(opened.errors);
+    if subscribed == 0 {
+        let errors = shared
+            .errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .snapshot();
+        bail!("no subscriber could subscribe: {errors:?}");
+    }
+
+    // Publisher: its own connection. The user number follows the subscribers' numbers.
+    let publisher_dialer = Dialer::new(&args.target, READ_BUFFER)
+        .await?
+        .with_write_buffer(PUBLISHER_WRITE_BUFFER);
+    let publisher_ws = publisher_dialer.open(args.subs).await?;
+
+    let start_ns = now_ns() + args.warmup.as_nanos() as u64;
+    let end_ns = start_ns + args.duration.as_nanos() as u64;
+    shared.window.set(start_ns, end_ns);
+    let begin = Instant::now();
+    let publisher = tokio::spawn(publish(
+        publisher_ws,
+        Plan {
+            channel: args.channel.clone(),
+            rate: args.rate,
+            size: args.size,
+            until: begin + args.warmup + args.duration,
+        },
+        shared.clone(),
+    ));
+
+    tokio::time::sleep_until((begin + args.warmup).into()).await;
+    let server_cpu_start = pid.and_then(|p| procfs::cpu_seconds(Some(p)));
+    let bench_cpu_start = procfs::cpu_seconds(None);
+    let measured_from = Instant::now();
+    tokio::time::sleep_until((begin + args.warmup + args.duration).into()).await;
+    let server_cpu_end = pid.and_then(|p| procfs::cpu_seconds(Some(p)));
+    let bench_cpu_end = procfs::cpu_seconds(None);
+    let window_s = measured_from.elapsed().as_secs_f64();
+
+    let published = publisher.await??;
+    let expected = published.in_window * subscribed as u64;
+    drain(&shared.recorder, expected).await;
+
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    tasks.abort_all();
+
+    let (latency, deliveries, _) = shared.recorder.merge();
+    let errors = shared
+        .errors
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .snapshot();
+    let server_cpu = server_cpu_start.zip(server_cpu_end).map(|(a, b)| b - a);
+    let duration_s = args.duration.as_secs_f64();
+    Ok(FanoutReport {
+        bench: "fanout",
+        subs: args.subs,
+        subscribed,
+        rate: args.rate,
+        size: args.size.max(DATA_OVERHEAD),
+        duration_s: round3(duration_s),
+        published: published.in_window,
+        publish_errors: published.errors,
+        expected_deliveries: expected,
+        deliveries,
+        loss: if expected == 0 {
+            0.0
+        } else {
+            1.0 - deliveries as f64 / expected as f64
+        },
+        deliveries_per_s: round3(deliveries as f64 / duration_s),
+        latency_ms: stats::summarize(&latency),
+        disconnected: shared.disconnected.load(Ordering::Relaxed),
+        server_pid: pid,
+        server_cpu_s: server_cpu.map(round3),
+        server_cpu_s_per_million_deliveries: server_cpu
+            .filter(|_| deliveries > 0)
+            .map(|c| round3(c * 1e6 / deliveries as f64)),
+        deliveries_per_server_cpu_s: server_cpu
+            .filter(|&c| c > 0.0)
+            // The /proc sample covers window_s, which may be a little longer than duration_s.
+            .map(|c| round3(deliveries as f64 / (c * duration_s / window_s))),
+        bench_cpu_s: bench_cpu_start
+            .zip(bench_cpu_end)
+            .map(|(a, b)| round3(b - a)),
+        errors,
+    })
+}
+
+/// Waits until every expected delivery arrived, or deliveries stop growing.
+async fn drain(recorder: &Recorder, expected: u64) {
+    let started = Instant::now();
+    let mut last = (recorder.deliveries(), Instant::now());
+    while last.0 < expected && started.elapsed() < DRAIN_MAX && last.1.elapsed() < DRAIN_IDLE {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = recorder.deliveries();
+        if now != last.0 {
+            last = (now, Instant::now());
+        }
+    }
+}
+
+/// Reads pushes until told to stop. Records each publication in shard `i`.
+async fn receive(mut ws: Ws, i: usize, shared: &Shared, mut stop: watch::Receiver<bool>) {
+    let shard = shared.recorder.shard(i);
+    loop {
+        let msg = tokio::select! {
+            biased;
+            msg = ws.next() => msg,
+            _ = stop.changed() => {
+                let _ = ws.close(None).await;
+                return;
+            }
+        };
+        let frame = match &msg {
+            Some(Ok(Message::Text(t))) => t.as_bytes(),
+            Some(Ok(Message::Binary(b))) => &b[..],
+            Some(Ok(Message::Close(frame))) => {
+                shared.disconnected.fetch_add(1, Ordering::Relaxed);
+                let why = frame.as_ref().map(|c| format!("{} {}", c.code, c.reason));
+                shared.error(anyhow::anyhow!(
+                    "subscriber {i} closed by server: {}",
+                    why.unwrap_or_default()
+                ));
+                return;
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => {
+                shared.disconnected.fetch_add(1, Ordering::Relaxed);
+                shared.error(anyhow::anyhow!("subscriber {i}: {e}"));
+                return;
+            }
+            None => {
+                shared.disconnected.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        };
+        if record_frame(frame, shard, shared.window.get()) && ws.send(pong()).await.is_err() {
+            shared.disconnected.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    }
+}
+
+/// Records every publication in a frame under one lock. Returns whether the frame had a ping.
+fn record_frame(frame: &[u8], shard: &Mutex<stats::Shard>, window: (u64, u64)) -> bool {
+    let now = now_ns();
+    let mut pinged = false;
+    let mut guard = None;
+    for line in wire::lines(frame) {
+        match wire::classify(line) {
+            Line::Ping => pinged = true,
+            Line::Pub(t) => guard
+                .get_or_insert_with(|| stats::lock(shard))
+                .record(window, t, now),
+            Line::Other => {}
+        }
+    }
+    pinged
+}
+
+struct Plan {
+    channel: String,
+    rate: u32,
+    size: usize,
+    until: Instant,
+}
+
+struct Published {
+    in_window: u64,
+    errors: u64,
+}
+
+/// Publishes at `plan.rate` until `plan.until`, reading replies and pings in between. Returns
+/// once every reply has arrived, or after a short grace period.
+async fn publish(mut ws: Ws, plan: Plan, shared: Arc<Shared>) -> anyhow::Result<Published> {
+    let channel = serde_json::to_string(&plan.channel)?;
+    let padding = "x".repeat(plan.size.saturating_sub(DATA_OVERHEAD));
+    let tick = Duration::from_secs_f64(1.0 / f64::from(plan.rate)).max(MIN_TICK);
+    let mut ticker = tokio::time::interval(tick);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let begin = Instant::now();
+    let (mut sent, mut in_window, mut replies, mut errors) = (0u64, 0u64, 0u64, 0u64);
+    let mut command = String::with_capacity(plan.size + 96);
+    let mut grace_until: Option<Instant> = None;
+
+    loop {
+        tokio::select! {
+            _ = ticker.tick(), if grace_until.is_none() => {
+                let now = Instant::now();
+                let due = if now >= plan.until {
+                    (plan.until - begin).as_secs_f64()
+                } else {
+                    (now - begin).as_secs_f64()
+                };
+                let due = (due * f64::from(plan.rate)).floor() as u64 + 1;
+                while sent < due {
+                    let t = now_ns();
+                    if shared.window.contains(t) {
+                        in_window += 1;
+                    }
+                    command.clear();
+                    // The first command id is 2; 1 was `connect`.
+                    let id = (sent % u64::from(u32::MAX - 2)) + 2;
+                    write!(command, r#"{{"id":{id},"publish":{{"channel":{channel},"data":{{"t":{t},"p":"{padding}"}}}}}}"#)?;
+                    ws.feed(Message::text(command.as_str())).await?;
+                    sent += 1;
+                }
+                ws.flush().await?;
+                if now >= plan.until {
+                    grace_until = Some(now + Duration::from_secs(2));
+                }
+            }
+            msg = ws.next() => {
+                let frame = match &msg {
+                    Some(Ok(Message::Text(t))) => t.as_bytes(),
+                    Some(Ok(Message::Close(c))) => bail!("server closed the publisher: {c:?}"),
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => bail!("publisher connection failed: {e}"),
+                    None => bail!("server closed the publisher"),
+                };
+                let mut pinged = false;
+                for line in wire::lines(frame) {
+                    match wire::classify(line) {
+                        Line::Ping => pinged = true,
+                        Line::Other if line.starts_with(b"{\"id\":") => {
+                            replies += 1;
+                            if wire::is_error_reply(line) {
+                                errors += 1;
+                                shared.error(anyhow::anyhow!("publish: {}", String::from_utf8_lossy(line)));
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                if pinged {
+                    ws.send(pong()).await?;
+                }
+            }
+            _ = sleep_until_opt(grace_until) => break,
+        }
+        if grace_until.is_some() && replies >= sent {
+            break;
+        }
+    }
+    let _ = ws.close(None).await;
+    Ok(Published { in_window, errors })
+}
+
+async fn sleep_until_opt(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,403 @@
+//! The server HTTP API, compatible with Centrifugo's: `POST /api/{method}` with a JSON body,
+//! authenticated by `X-API-Key: KEY` or `Authorization: apikey KEY`. Results come back as
+//! `{"result": ...}`; failures of a well-formed request as `{"error": {code, message}}` with
+//! status 200, as Centrifugo does. Malformed JSON gets 400, a missing or wrong key 401, an
+//! unknown method 404.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use switchboard_hub::BrokerError;
+use switchboard_protocol::client::{ClientInfo, PresenceStatsResult, StreamPosition};
+use switchboard_protocol::codes::{self, Disconnect, ErrorCode};
+use switchboard_protocol::RawValue;
+
+use crate::conn::{history_filter, publish_options, Control};
+use crate::node::{Node, API_DISCONNECT};
+
+fn authorized(node: &Node, headers: &HeaderMap) -> bool {
+    let key = headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| {
+            headers
+                .get(axum::http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("apikey "))
+        });
+    key.is_some_and(|k| constant_time_eq(k.as_bytes(), node.api_key.as_bytes()))
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn http_error(status: StatusCode, message: String) -> Response {
+    (
+        status,
+        Json(json!({"error": {"code": status.as_u16(), "message": message}})),
+    )
+        .into_response()
+}
+
+fn api_error(e: ErrorCode) -> Response {
+    Json(json!({"error": {"code": e.code, "message": e.message}})).into_response()
+}
+
+fn broker_error(e: BrokerError) -> Response {
+    match e {
+        BrokerError::UnrecoverablePosition => api_error(codes::ERROR_UNRECOVERABLE_POSITION),
+        BrokerError::Unavailable(msg) => {
+            tracing::warn!(error = %msg, "api: engine unavailable");
+            api_error(codes::ERROR_INTERNAL)
+        }
+    }
+}
+
+fn ok(v: Value) -> Response {
+    Json(json!({ "result": v })).into_response()
+}
+
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
+    let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        body
+    };
+    serde_json::from_slice(body).map_err(|e| {
+        tracing::info!(error = %e, "api: malformed request body");
+        http_error(
+            StatusCode::BAD_REQUEST,
+            format!("malformed request body: {e}"),
+        )
+    })
+}
+
+#[derive(Deserialize)]
+struct PublishReq {
+    channel: String,
+    data: Box<RawValue>,
+    #[serde(default)]
+    skip_history: bool,
+    #[serde(default)]
+    tags: Option<std::collections::HashMap<String, String>>,
+}
+
+#[derive(Deserialize)]
+struct BroadcastReq {
+    channels: Vec<String>,
+    data: Box<RawValue>,
+    #[serde(default)]
+    skip_history: bool,
+}
+
+#[derive(Deserialize)]
+struct UserChannelReq {
+    user: String,
+    channel: String,
+    #[serde(default)]
+    client: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct DisconnectBody {
+    code: u16,
+    #[serde(default)]
+    reason: String,
+}
+
+#[derive(Deserialize)]
+struct DisconnectReq {
+    user: String,
+    #[serde(default)]
+    client: Option<String>,
+    #[serde(default)]
+    disconnect: Option<DisconnectBody>,
+}
+
+#[derive(Deserialize)]
+struct ChannelReq {
+    channel: String,
+}
+
+#[derive(Deserialize)]
+struct HistoryReq {
+    channel: String,
+    #[serde(default)]
+    limit: i32,
+    #[serde(default)]
+    since: Option<StreamPosition>,
+    #[serde(default)]
+    reverse: bool,
+}
+
+#[derive(Deserialize, Default)]
+struct ChannelsReq {
+    #[serde(default)]
+    pattern: String,
+}
+
+pub async fn handle(
+    State(node): State<Arc<Node>>,
+    Path(method): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if !authorized(&node, &headers) {
+        return http_error(
+            StatusCode::UNAUTHORIZED,
+            "missing or invalid API key".into(),
+        );
+    }
+    match dispatch(&node, &method, &body).await {
+        Ok(r) | Err(r) => r,
+    }
+}
+
+async fn dispatch(node: &Arc<Node>, method: &str, body: &[u8]) -> Result<Response, Response> {
+    Ok(match method {
+        "publish" => {
+            let r: PublishReq = parse(body)?;
+            publish(node, &r.channel, r.data, r.skip_history, r.tags).await
+        }
+        "broadcast" => {
+            let r: BroadcastReq = parse(body)?;
+            let mut responses = Vec::with_capacity(r.channels.len());
+            for channel in &r.channels {
+                let resp =
+                    match publish_one(node, channel, r.data.clone(), r.skip_history, None).await {
+                        Ok(pos) => json!({"result": {"offset": pos.offset, "epoch": pos.epoch}}),
+                        Err(e) => json!({"error": {"code": e.code, "message": e.message}}),
+                    };
+                responses.push(resp);
+            }
+            ok(json!({ "responses": responses }))
+        }
+        "subscribe" => {
+            let r: UserChannelReq = parse(body)?;
+            if node.config.namespace(&r.channel).is_none() {
+                return Ok(api_error(codes::ERROR_UNKNOWN_CHANNEL));
+            }
+            let channel = r.channel.clone();
+            node.control_user(&r.user, r.client.as_deref(), || Control::Subscribe {
+                channel: channel.clone(),
+            });
+            ok(json!({}))
+        }
+        "unsubscribe" => {
+            let r: UserChannelReq = parse(body)?;
+            let channel = r.channel.clone();
+            node.control_user(&r.user, r.client.as_deref(), || Control::Unsubscribe {
+                channel: channel.clone(),
+            });
+            ok(json!({}))
+        }
+        "disconnect" => {
+            let r: DisconnectReq = parse(body)?;
+            let d = match r.disconnect {
+                // Custom codes must be static for the close path; map them to the known set.
+                Some(b) => known_disconnect(b.code).unwrap_or_else(|| {
+                    tracing::debug!(code = b.code, reason = %b.reason, "api: custom disconnect code mapped to 3503");
+                    API_DISCONNECT
+                }),
+                None => API_DISCONNECT,
+            };
+            node.disconnect_user(&r.user, r.client.as_deref(), d);
+            ok(json!({}))
+        }
+        "presence" => {
+            let r: ChannelReq = parse(body)?;
+            match presence_ns(node, &r.channel) {
+                Err(e) => api_error(e),
+                Ok(()) => match node.hub.presence.presence(&r.channel).await {
+                    Ok(p) => {
+                        let p: std::collections::HashMap<String, ClientInfo> = p;
+                        ok(json!({ "presence": p }))
+                    }
+                    Err(e) => broker_error(e),
+                },
+            }
+        }
+        "presence_stats" => {
+            let r: ChannelReq = parse(body)?;
+            match presence_ns(node, &r.channel) {
+                Err(e) => api_error(e),
+                Ok(()) => match node.hub.presence.stats(&r.channel).await {
+                    Ok((num_clients, num_users)) => ok(serde_json::to_value(PresenceStatsResult {
+                        num_clients,
+                        num_users,
+                    })
+                    .expect("serializable")),
+                    Err(e) => broker_error(e),
+                },
+            }
+        }
+        "history" => {
+            let r: HistoryReq = parse(body)?;
+            match node.config.namespace(&r.channel) {
+                None => api_error(codes::ERROR_UNKNOWN_CHANNEL),
+                Some(ns) if ns.history_size == 0 => api_error(codes::ERROR_NOT_AVAILABLE),
+                Some(_) => {
+                    let f = history_filter(r.limit, r.since, r.reverse);
+                    match node.hub.broker.history(&r.channel, &f).await {
+                        Ok(page) => ok(json!({
+                            "publications": page.publications,
+                            "offset": page.position.offset,
+                            "epoch": page.position.epoch,
+                        })),
+                        Err(e) => broker_error(e),
+                    }
+                }
+            }
+        }
+        "history_remove" => {
+            let r: ChannelReq = parse(body)?;
+            match node.hub.broker.remove_history(&r.channel).await {
+                Ok(()) => ok(json!({})),
+                Err(e) => broker_error(e),
+            }
+        }
+        "channels" => {
+            let r: ChannelsReq = parse(body)?;
+            let mut channels = serde_json::Map::new();
+            for (name, n) in node.hub.channels() {
+                if r.pattern.is_empty() || glob_match(&r.pattern, &name) {
+                    channels.insert(name, json!({ "num_clients": n }));
+                }
+            }
+            ok(json!({ "channels": channels }))
+        }
+        "info" => ok(json!({ "nodes": [node_info(node)] })),
+        _ => {
+            return Err(http_error(
+                StatusCode::NOT_FOUND,
+                format!("unknown API method {method:?}"),
+            ))
+        }
+    })
+}
+
+pub fn node_info(node: &Node) -> Value {
+    use std::sync::atomic::Ordering;
+    json!({
+        "uid": node.uid,
+        "name": node.config.name,
+        "version": env!("CARGO_PKG_VERSION"),
+        "num_clients": node.connections.load(Ordering::Relaxed),
+        "num_users": node.users.len(),
+        "num_channels": node.hub.channels().len(),
+        "num_subs": node.metrics.subscriptions.get(),
+        "uptime": node.started.elapsed().as_secs(),
+    })
+}
+
+fn presence_ns(node: &Node, channel: &str) -> Result<(), ErrorCode> {
+    match node.config.namespace(channel) {
+        None => Err(codes::ERROR_UNKNOWN_CHANNEL),
+        Some(ns) if !ns.presence => Err(codes::ERROR_NOT_AVAILABLE),
+        Some(_) => Ok(()),
+    }
+}
+
+async fn publish_one(
+    node: &Node,
+    channel: &str,
+    data: Box<RawValue>,
+    skip_history: bool,
+    tags: Option<std::collections::HashMap<String, String>>,
+) -> Result<StreamPosition, ErrorCode> {
+    if channel.is_empty() {
+        return Err(codes::ERROR_BAD_REQUEST);
+    }
+    let ns = node
+        .config
+        .namespace(channel)
+        .ok_or(codes::ERROR_UNKNOWN_CHANNEL)?;
+    let mut opts = publish_options(ns);
+    if skip_history {
+        opts.history_size = 0;
+    }
+    opts.tags = tags;
+    node.hub
+        .broker
+        .publish(channel, data, None, &opts)
+        .await
+        .map_err(|e| {
+            tracing::warn!(channel, error = %e, "api publish failed");
+            match e {
+                BrokerError::UnrecoverablePosition => codes::ERROR_INTERNAL,
+                BrokerError::Unavailable(_) => codes::ERROR_INTERNAL,
+            }
+        })
+}
+
+async fn publish(
+    node: &Node,
+    channel: &str,
+    data: Box<RawValue>,
+    skip_history: bool,
+    tags: Option<std::collections::HashMap<String, String>>,
+) -> Response {
+    match publish_one(node, channel, data, skip_history, tags).await {
+        Ok(pos) => ok(json!({"offset": pos.offset, "epoch": pos.epoch})),
+        Err(e) => api_error(e),
+    }
+}
+
+fn known_disconnect(code: u16) -> Option<Disconnect> {
+    [
+        codes::DISCONNECT_SHUTDOWN,
+        codes::DISCONNECT_EXPIRED,
+        codes::DISCONNECT_FORCE_RECONNECT,
+        codes::DISCONNECT_INVALID_TOKEN,
+        codes::DISCONNECT_FORCE_NO_RECONNECT,
+        codes::DISCONNECT_CONNECTION_LIMIT,
+        codes::DISCONNECT_PERMISSION_DENIED,
+    ]
+    .into_iter()
+    .find(|d| d.code == code)
+}
+
+/// Glob with `*` (any run) and `?` (one character).
+fn glob_match(pattern: &str, s: &str) -> bool {
+    let (p, s): (Vec<char>, Vec<char>) = (pattern.chars().collect(), s.chars().collect());
+    let (mut pi, mut si, mut star, mut mark) = (0, 0, None, 0);
+    while si < s.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == s[si]) {
+            pi += 1;
+            si += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = si;
+            pi += 1;
+        } else if let Some(st) = star {
+            pi = st + 1;
+            mark += 1;
+            si = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::glob_match;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("chat:*", "chat:1"));
+        assert!(glob_match("*", "x"));
+        assert!(glob_match("a?c", "abc"));
+        assert!(!glob_match("chat:*", "news"));
+        assert!(!glob_match("a?c", "ac"));
+    }
+}

@@ -1,0 +1,432 @@
+//! Configuration: one struct, read from a TOML file, then `SWITCHBOARD_*` environment variables,
+//! then command-line flags (each layer overrides the one before).
+//!
+//! Environment variables name a key by its path: `SWITCHBOARD_CLIENT__PING_INTERVAL=10s` sets
+//! `[client] ping_interval`. A few keys have fixed short names that external tools rely on:
+//! `SWITCHBOARD_LISTEN`, `SWITCHBOARD_DATA_DIR`, `SWITCHBOARD_TOKEN_HMAC_SECRET`,
+//! `SWITCHBOARD_TOKEN_RSA_PUBLIC_KEY`, `SWITCHBOARD_API_KEY` and `SWITCHBOARD_ALLOWED_ORIGINS`
+//! (comma-separated).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Durations in config are humantime strings ("25s", "5m", "300ms").
+mod dur {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address to listen on.
+    pub listen: String,
+    /// Where generated secrets (and later the SQLite database) live.
+    pub data_dir: PathBuf,
+    /// This node's name in `/api/info`.
+    pub name: String,
+    /// Origins allowed to open WebSocket connections; empty allows any.
+    pub allowed_origins: Vec<String>,
+    pub token: TokenConfig,
+    pub api: ApiConfig,
+    pub client: ClientConfig,
+    pub http: HttpConfig,
+    /// How long a graceful shutdown may take before remaining connections are dropped.
+    #[serde(with = "dur")]
+    pub shutdown_timeout: Duration,
+    /// Options of the default namespace (channels without a `ns:` prefix).
+    pub channel: NamespaceOptions,
+    /// Named namespaces: channel `NAME:rest` uses `[namespaces.NAME]`.
+    pub namespaces: BTreeMap<String, NamespaceOptions>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:8000".into(),
+            data_dir: PathBuf::from("./data"),
+            name: "switchboard".into(),
+            allowed_origins: Vec::new(),
+            token: TokenConfig::default(),
+            api: ApiConfig::default(),
+            client: ClientConfig::default(),
+            http: HttpConfig::default(),
+            shutdown_timeout: Duration::from_secs(10),
+            channel: NamespaceOptions::default(),
+            namespaces: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TokenConfig {
+    /// HS256 secret. Empty: generated once and kept in the data directory.
+    pub hmac_secret: String,
+    /// RS256 public key, PEM text or a path to a PEM file. When set, tokens must be RS256.
+    pub rsa_public_key: String,
+    /// Checked when set.
+    pub audience: String,
+    /// Checked when set.
+    pub issuer: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Key for `/api`. Empty: generated once and kept in the data directory.
+    pub key: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClientConfig {
+    /// Server pings (`{}`) are sent this often.
+    #[serde(with = "dur")]
+    pub ping_interval: Duration,
+    /// A pong must arrive this long after a ping, or the connection closes with 3012.
+    #[serde(with = "dur")]
+    pub pong_timeout: Duration,
+    /// A connection that has not sent `connect` by then is closed with 3502.
+    #[serde(with = "dur")]
+    pub stale_timeout: Duration,
+    /// Grace after a connection token's expiry before closing with 3005, for the SDK to refresh.
+    #[serde(with = "dur")]
+    pub expired_close_delay: Duration,
+    /// Largest incoming WebSocket message in bytes; larger closes with 1009.
+    pub max_frame_size: usize,
+    /// Subscriptions per connection (error 106 beyond).
+    pub max_channels: usize,
+    /// Connections per node; further upgrades get HTTP 503.
+    pub max_connections: usize,
+    /// Sustained commands per second per connection.
+    pub command_rate: u32,
+    /// Commands a connection may send in a burst above the rate.
+    pub command_burst: u32,
+    /// Bytes a connection may have waiting to be written; beyond, it is closed with 3008.
+    pub write_queue_max_bytes: usize,
+    /// Most publications a subscription recovers on resubscribe; beyond, `recovered: false`.
+    pub recovery_max_publications: usize,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            ping_interval: Duration::from_secs(25),
+            pong_timeout: Duration::from_secs(10),
+            stale_timeout: Duration::from_secs(10),
+            expired_close_delay: Duration::from_secs(25),
+            max_frame_size: 64 * 1024,
+            max_channels: 128,
+            max_connections: 100_000,
+            command_rate: 100,
+            command_burst: 200,
+            write_queue_max_bytes: 1024 * 1024,
+            recovery_max_publications: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Request headers must arrive within this time (slowloris guard).
+    #[serde(with = "dur")]
+    pub header_read_timeout: Duration,
+    /// Largest accepted request body in bytes.
+    pub max_body_size: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            header_read_timeout: Duration::from_secs(10),
+            max_body_size: 1024 * 1024,
+        }
+    }
+}
+
+/// What clients may do in a namespace, and what the server keeps for it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NamespaceOptions {
+    pub presence: bool,
+    pub join_leave: bool,
+    /// Publications kept per channel; 0 disables history and recovery.
+    pub history_size: usize,
+    /// A channel's history lives this long after its last publication.
+    #[serde(with = "dur")]
+    pub history_ttl: Duration,
+    /// Subscriptions are recoverable (offset/epoch) whenever the channel keeps history.
+    pub allow_recovery: bool,
+    /// Any connected client may subscribe; when false a subscription token is required.
+    pub allow_subscribe_for_client: bool,
+    /// Subscribers may publish.
+    pub allow_publish_for_subscriber: bool,
+    /// Any connected client may publish, subscribed or not.
+    pub allow_publish_for_client: bool,
+    /// Any connected client may read presence.
+    pub allow_presence_for_client: bool,
+    /// Subscribers may read presence.
+    pub allow_presence_for_subscriber: bool,
+    /// Any connected client may read history.
+    pub allow_history_for_client: bool,
+    /// Subscribers may read history.
+    pub allow_history_for_subscriber: bool,
+    /// A subscription token is required to subscribe.
+    pub protected: bool,
+}
+
+impl Default for NamespaceOptions {
+    fn default() -> Self {
+        NamespaceOptions {
+            presence: true,
+            join_leave: true,
+            history_size: 100,
+            history_ttl: Duration::from_secs(300),
+            allow_recovery: true,
+            allow_subscribe_for_client: true,
+            allow_publish_for_subscriber: true,
+            allow_publish_for_client: true,
+            allow_presence_for_client: true,
+            allow_presence_for_subscriber: true,
+            allow_history_for_client: true,
+            allow_history_for_subscriber: true,
+            protected: false,
+        }
+    }
+}
+
+impl Config {
+    /// The options of the namespace `channel` belongs to, or `None` for an unknown namespace.
+    pub fn namespace(&self, channel: &str) -> Option<&NamespaceOptions> {
+        match channel.split_once(':') {
+            Some((ns, _)) => self.namespaces.get(ns),
+            None => Some(&self.channel),
+        }
+    }
+
+    /// Reads the layers. `file` is the TOML path (if any), `env` the process environment,
+    /// `flags` the command-line overrides as (key path, value) pairs.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        flags: &[(&str, String)],
+    ) -> Result<Config, ConfigError> {
+        let mut table = match file {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| ConfigError(format!("cannot read {}: {e}", p.display())))?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError(format!("{}: {e}", p.display())))?
+            }
+            None => toml::Table::new(),
+        };
+        let defaults = toml::Table::try_from(Config::default()).expect("defaults serialize");
+        for (k, v) in env {
+            let Some(rest) = k.strip_prefix("SWITCHBOARD_") else {
+                continue;
+            };
+            let path = match rest {
+                "CONFIG" | "LOG" => continue,
+                "LISTEN" => "listen".to_string(),
+                "DATA_DIR" => "data_dir".to_string(),
+                "TOKEN_HMAC_SECRET" => "token.hmac_secret".to_string(),
+                "TOKEN_RSA_PUBLIC_KEY" => "token.rsa_public_key".to_string(),
+                "API_KEY" => "api.key".to_string(),
+                "ALLOWED_ORIGINS" => "allowed_origins".to_string(),
+                other => other.to_ascii_lowercase().replace("__", "."),
+            };
+            set_path(&mut table, &defaults, &path, &v)
+                .map_err(|e| ConfigError(format!("environment variable {k}: {e}")))?;
+        }
+        for (path, v) in flags {
+            set_path(&mut table, &defaults, path, v)
+                .map_err(|e| ConfigError(format!("flag for {path}: {e}")))?;
+        }
+        let cfg: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        for name in self.namespaces.keys() {
+            if name.is_empty() || name.contains(':') {
+                return Err(ConfigError(format!("invalid namespace name {name:?}")));
+            }
+        }
+        if self.client.max_frame_size < 64 {
+            return Err(ConfigError(
+                "client.max_frame_size must be at least 64".into(),
+            ));
+        }
+        if self.client.command_rate == 0 || self.client.command_burst == 0 {
+            return Err(ConfigError(
+                "client.command_rate and command_burst must be > 0".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Sets `path` (dot-separated) in `table` from a string, typed like the default at that path.
+fn set_path(
+    table: &mut toml::Table,
+    defaults: &toml::Table,
+    path: &str,
+    raw: &str,
+) -> Result<(), String> {
+    let keys: Vec<&str> = path.split('.').collect();
+    let mut default: Option<&toml::Value> = None;
+    let mut dt = Some(defaults);
+    for k in &keys {
+        default = dt.and_then(|t| t.get(*k));
+        dt = default.and_then(|v| v.as_table());
+    }
+    // Namespaces are not in the defaults; type their values like the default namespace's.
+    if default.is_none() && keys.len() == 3 && keys[0] == "namespaces" {
+        default = defaults.get("channel").and_then(|c| c.get(keys[2]));
+    }
+    let value = match default {
+        Some(toml::Value::String(_)) => toml::Value::String(raw.to_string()),
+        Some(toml::Value::Array(_)) => toml::Value::Array(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| toml::Value::String(s.to_string()))
+                .collect(),
+        ),
+        Some(toml::Value::Integer(_)) => toml::Value::Integer(
+            raw.trim()
+                .parse()
+                .map_err(|_| format!("not an integer: {raw}"))?,
+        ),
+        Some(toml::Value::Boolean(_)) => toml::Value::Boolean(
+            raw.trim()
+                .parse()
+                .map_err(|_| format!("not a boolean: {raw}"))?,
+        ),
+        _ => return Err(format!("unknown key {path}")),
+    };
+    let mut t = table;
+    for k in &keys[..keys.len() - 1] {
+        t = t
+            .entry(k.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| format!("{k} is not a table"))?;
+    }
+    t.insert(keys[keys.len() - 1].to_string(), value);
+    Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("configuration error: {0}")]
+pub struct ConfigError(pub String);
+
+/// Reads a secret from `data_dir/name`, or generates and stores one. Returns (secret, generated).
+pub fn persistent_secret(data_dir: &Path, name: &str) -> std::io::Result<(String, bool)> {
+    let path = data_dir.join(name);
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => return Ok((s.trim().to_string(), false)),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    std::fs::create_dir_all(data_dir)?;
+    let bytes: [u8; 32] = rand::random();
+    let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    use std::io::Write;
+    opts.open(&path)?.write_all(secret.as_bytes())?;
+    Ok((secret, true))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn layers_file_env_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:1\"\n[client]\nping_interval = \"5s\"\n[namespaces.chat]\nhistory_size = 7\n",
+        )
+        .unwrap();
+        let cfg = Config::load(
+            Some(&file),
+            env(&[
+                ("SWITCHBOARD_LISTEN", "127.0.0.1:2"),
+                ("SWITCHBOARD_TOKEN_HMAC_SECRET", "12345"),
+                ("SWITCHBOARD_ALLOWED_ORIGINS", "http://a, http://b"),
+                ("SWITCHBOARD_CLIENT__MAX_CHANNELS", "9"),
+                ("SWITCHBOARD_NAMESPACES__CHAT__PRESENCE", "false"),
+                ("OTHER", "x"),
+            ]),
+            &[("listen", "127.0.0.1:3".into())],
+        )
+        .unwrap();
+        assert_eq!(cfg.listen, "127.0.0.1:3");
+        assert_eq!(cfg.token.hmac_secret, "12345");
+        assert_eq!(cfg.allowed_origins, vec!["http://a", "http://b"]);
+        assert_eq!(cfg.client.ping_interval, Duration::from_secs(5));
+        assert_eq!(cfg.client.max_channels, 9);
+        let chat = cfg.namespace("chat:1").unwrap();
+        assert_eq!((chat.history_size, chat.presence), (7, false));
+        assert!(cfg.namespace("nope:1").is_none());
+        assert!(cfg.namespace("plain").is_some());
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let e = Config::load(
+            None,
+            env(&[("SWITCHBOARD_CLIENT__MAX_CHANNELS", "lots")]),
+            &[],
+        );
+        assert!(e
+            .unwrap_err()
+            .to_string()
+            .contains("SWITCHBOARD_CLIENT__MAX_CHANNELS"));
+        let e = Config::load(None, env(&[("SWITCHBOARD_NOPE", "1")]), &[]);
+        assert!(e.unwrap_err().to_string().contains("unknown key nope"));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "[client]\nping_interval = \"soon\"\n").unwrap();
+        assert!(Config::load(Some(&file), env(&[]), &[]).is_err());
+    }
+
+    #[test]
+    fn secrets_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, gen_a) = persistent_secret(dir.path(), "k").unwrap();
+        let (b, gen_b) = persistent_secret(dir.path(), "k").unwrap();
+        assert_eq!((a.len(), gen_a, gen_b), (64, true, false));
+        assert_eq!(a, b);
+    }
+}

@@ -1,0 +1,25 @@
+//! # Switchboard server
+//!
+//! A real-time backend speaking the Centrifugo client protocol v2. The binary (`main.rs`) is
+//! thin: everything here can be started in-process on port 0 (see [`testing`]).
+//!
+//! ## Layout
+//! - [`config`]: the config struct and its layers (TOML, `SWITCHBOARD_*` env, flags).
+//! - [`auth`]: JWT verification with a pinned algorithm; token minting.
+//! - [`node`]: a node's shared state: hub, client registry, RPC registry, metrics, shutdown.
+//! - [`server`]: router, accept loop, WebSocket upgrade, graceful shutdown.
+//! - [`conn`]: one task per client connection; [`conn::outbound`] is the direct-write,
+//!   bounded outbound path the fan-out uses.
+//! - [`api`]: the Centrifugo-compatible server HTTP API.
+//! - [`ws`]: upgrade checks and server-side WebSocket framing.
+//! - [`metrics`]: Prometheus metrics.
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod conn;
+pub mod metrics;
+pub mod node;
+pub mod server;
+pub mod testing;
+pub mod ws;

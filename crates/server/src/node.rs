@@ -1,0 +1,170 @@
+//! A node's shared state: configuration, the hub, token verification, the registry of local
+//! clients, the RPC registry, metrics and the shutdown signal every task watches.
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use async_trait::async_trait;
+use dashmap::DashMap;
+use switchboard_hub::{Hub, MemoryBroker, MemoryPresence};
+use switchboard_protocol::codes::{self, Disconnect, ErrorCode};
+use switchboard_protocol::RawValue;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::TokenVerifier;
+use crate::config::{persistent_secret, Config};
+use crate::conn::outbound::{Conn, Control};
+use crate::metrics::Metrics;
+
+/// Who calls an RPC method.
+pub struct RpcContext<'a> {
+    pub user: &'a str,
+    pub client: &'a str,
+}
+
+/// A server-side method clients call with the `rpc` command. Services register theirs at start.
+#[async_trait]
+pub trait RpcHandler: Send + Sync {
+    async fn call(
+        &self,
+        ctx: RpcContext<'_>,
+        data: Option<&RawValue>,
+    ) -> Result<Option<Box<RawValue>>, ErrorCode>;
+}
+
+/// Secrets in effect, and whether each was generated (to warn about it).
+pub struct Secrets {
+    pub hmac_secret: String,
+    pub hmac_generated: bool,
+    pub api_key: String,
+    pub api_key_generated: bool,
+}
+
+impl Secrets {
+    /// Configured secrets, or ones generated once and kept in the data directory.
+    pub fn resolve(config: &Config) -> std::io::Result<Secrets> {
+        let (hmac_secret, hmac_generated) = if config.token.hmac_secret.is_empty() {
+            persistent_secret(&config.data_dir, "token_hmac_secret")?
+        } else {
+            (config.token.hmac_secret.clone(), false)
+        };
+        let (api_key, api_key_generated) = if config.api.key.is_empty() {
+            persistent_secret(&config.data_dir, "api_key")?
+        } else {
+            (config.api.key.clone(), false)
+        };
+        Ok(Secrets {
+            hmac_secret,
+            hmac_generated,
+            api_key,
+            api_key_generated,
+        })
+    }
+}
+
+pub struct Node {
+    pub config: Config,
+    pub hub: Hub,
+    pub verifier: TokenVerifier,
+    pub api_key: String,
+    pub uid: String,
+    pub started: Instant,
+    /// Local clients by client id.
+    pub clients: DashMap<Arc<str>, (String, Arc<Conn>)>,
+    /// Local client ids by user id.
+    pub users: DashMap<String, Vec<Arc<str>>>,
+    pub connections: AtomicUsize,
+    rpc: RwLock<HashMap<String, Arc<dyn RpcHandler>>>,
+    pub metrics: Metrics,
+    pub shutdown: CancellationToken,
+    pub tasks: TaskTracker,
+}
+
+impl Node {
+    pub fn new(config: Config, secrets: &Secrets) -> anyhow::Result<Arc<Node>> {
+        let verifier = TokenVerifier::new(&config.token, &secrets.hmac_secret)?;
+        let hub = Hub::new(
+            Arc::new(MemoryBroker::new()),
+            Arc::new(MemoryPresence::new()),
+        );
+        let metrics = Metrics::new(hub.metrics());
+        Ok(Arc::new(Node {
+            config,
+            hub,
+            verifier,
+            api_key: secrets.api_key.clone(),
+            uid: uuid::Uuid::new_v4().to_string(),
+            started: Instant::now(),
+            clients: DashMap::new(),
+            users: DashMap::new(),
+            connections: AtomicUsize::new(0),
+            rpc: RwLock::new(HashMap::new()),
+            metrics,
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        }))
+    }
+
+    pub fn register_rpc(&self, method: &str, handler: Arc<dyn RpcHandler>) {
+        self.rpc
+            .write()
+            .expect("rpc lock poisoned")
+            .insert(method.to_string(), handler);
+    }
+
+    pub fn rpc(&self, method: &str) -> Option<Arc<dyn RpcHandler>> {
+        self.rpc
+            .read()
+            .expect("rpc lock poisoned")
+            .get(method)
+            .cloned()
+    }
+
+    pub(crate) fn add_client(&self, user: &str, conn: Arc<Conn>) {
+        self.clients
+            .insert(conn.id.clone(), (user.to_string(), conn.clone()));
+        self.users
+            .entry(user.to_string())
+            .or_default()
+            .push(conn.id.clone());
+    }
+
+    pub(crate) fn remove_client(&self, user: &str, id: &str) {
+        self.clients.remove(id);
+        self.users.remove_if_mut(user, |_, ids| {
+            ids.retain(|c| &**c != id);
+            ids.is_empty()
+        });
+    }
+
+    /// The connections of `user` (all of them, or only `client`).
+    pub fn user_conns(&self, user: &str, client: Option<&str>) -> Vec<Arc<Conn>> {
+        let Some(ids) = self.users.get(user).map(|v| v.clone()) else {
+            return Vec::new();
+        };
+        ids.iter()
+            .filter(|id| client.is_none_or(|c| c == &***id))
+            .filter_map(|id| self.clients.get(id).map(|e| e.1.clone()))
+            .collect()
+    }
+
+    pub fn disconnect_user(&self, user: &str, client: Option<&str>, d: Disconnect) -> usize {
+        let conns = self.user_conns(user, client);
+        for c in &conns {
+            c.close(d);
+        }
+        conns.len()
+    }
+
+    pub fn control_user(&self, user: &str, client: Option<&str>, make: impl Fn() -> Control) {
+        for c in self.user_conns(user, client) {
+            c.control(make());
+        }
+    }
+}
+
+/// The default disconnect for `/api/disconnect` without one.
+pub const API_DISCONNECT: Disconnect = codes::DISCONNECT_FORCE_NO_RECONNECT;

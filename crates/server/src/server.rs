@@ -1,0 +1,216 @@
+//! The HTTP side: router, accept loop, WebSocket upgrade hand-off, and graceful shutdown.
+//!
+//! The accept loop serves HTTP/1.1 with hyper directly (not `axum::serve`) so that an upgraded
+//! connection hands back the plain `TcpStream`: the fan-out then writes to the socket without
+//! a per-connection writer task. It also sets a header read timeout against slowloris.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::config::Config;
+use crate::node::{Node, Secrets};
+use crate::{api, conn, ws};
+
+pub fn router(node: Arc<Node>) -> Router {
+    let body_limit = node.config.http.max_body_size;
+    Router::new()
+        .route("/connection/websocket", get(websocket))
+        .route("/api/{method}", post(api::handle))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(node)
+}
+
+async fn readyz(State(node): State<Arc<Node>>) -> Response {
+    if node.shutdown.is_cancelled() {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
+    } else {
+        "ready".into_response()
+    }
+}
+
+async fn metrics(State(node): State<Arc<Node>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        node.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn websocket(State(node): State<Arc<Node>>, mut req: Request) -> Response {
+    let headers = req.headers();
+    if !ws::origin_allowed(&node.config.allowed_origins, headers) {
+        tracing::info!(origin = ?headers.get(header::ORIGIN), "refused: origin not allowed");
+        return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
+    }
+    let (accept, protocol) = match ws::check_upgrade(headers) {
+        Ok(v) => v,
+        Err((status, msg)) => {
+            tracing::debug!(msg, "refused upgrade");
+            return (status, msg).into_response();
+        }
+    };
+    if node.connections.load(Ordering::Relaxed) >= node.config.client.max_connections {
+        tracing::warn!("refused: connection limit reached");
+        return (StatusCode::SERVICE_UNAVAILABLE, "connection limit reached").into_response();
+    }
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let task_node = node.clone();
+    node.tasks.spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(error = %e, "upgrade failed");
+                return;
+            }
+        };
+        match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => {
+                conn::run(task_node, parts.io.into_inner(), parts.read_buf.to_vec()).await;
+            }
+            Err(_) => tracing::error!("upgraded connection is not a TCP stream"),
+        }
+    });
+    let mut resp = Response::new(Body::empty());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(
+        header::SEC_WEBSOCKET_ACCEPT,
+        HeaderValue::from_str(&accept).expect("base64"),
+    );
+    if let Some(p) = protocol {
+        h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(p));
+    }
+    resp
+}
+
+/// Accepts connections until the node's shutdown token fires.
+pub async fn serve(listener: TcpListener, node: Arc<Node>) {
+    let app = router(node.clone());
+    let header_timeout = node.config.http.header_read_timeout;
+    loop {
+        let (stream, _peer) = tokio::select! {
+            _ = node.shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(v) => v,
+                Err(e) => {
+                    // Usually out of file descriptors: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let shutdown = node.shutdown.clone();
+        node.tasks.spawn(async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            let conn = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "http connection ended with an error");
+                    }
+                }
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+}
+
+/// A running node.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub node: Arc<Node>,
+}
+
+impl Server {
+    /// Resolves secrets, binds, logs what matters about the configuration, and starts serving.
+    pub async fn start(config: Config) -> anyhow::Result<Server> {
+        let secrets = Secrets::resolve(&config).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot use data directory {}: {e}",
+                config.data_dir.display()
+            )
+        })?;
+        let listener = TcpListener::bind(&config.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+        let addr = listener.local_addr()?;
+        warn_insecure(&config, &secrets);
+        let node = Node::new(config, &secrets)?;
+        let sweeper = node.clone();
+        node.tasks.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = sweeper.shutdown.cancelled() => break,
+                    _ = tick.tick() => sweeper.hub.broker.sweep(),
+                }
+            }
+        });
+        node.tasks.spawn(serve(listener, node.clone()));
+        tracing::info!(%addr, engine = "memory", "switchboard listening");
+        Ok(Server { addr, node })
+    }
+
+    /// Stops accepting, closes clients with 3001 and waits for every task, up to the configured
+    /// shutdown timeout.
+    pub async fn shutdown(self) {
+        self.node.shutdown.cancel();
+        self.node.tasks.close();
+        let timeout = self.node.config.shutdown_timeout;
+        if tokio::time::timeout(timeout, self.node.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                ?timeout,
+                "shutdown timed out; dropping remaining connections"
+            );
+        }
+    }
+}
+
+fn warn_insecure(config: &Config, secrets: &Secrets) {
+    let dir = config.data_dir.display();
+    if secrets.hmac_generated {
+        tracing::warn!("NO TOKEN SECRET CONFIGURED: generated one and stored it in {dir}/token_hmac_secret. Set SWITCHBOARD_TOKEN_HMAC_SECRET for production.");
+    }
+    if secrets.api_key_generated {
+        tracing::warn!("NO API KEY CONFIGURED: generated one and stored it in {dir}/api_key. Set SWITCHBOARD_API_KEY for production.");
+    }
+    if config.allowed_origins.is_empty() {
+        tracing::warn!("allowed_origins is empty: browsers from ANY origin may connect");
+    }
+    let ns = &config.channel;
+    if ns.allow_subscribe_for_client && ns.allow_publish_for_client && !ns.protected {
+        tracing::warn!("default namespace is OPEN: any authenticated user may subscribe, publish and read presence and history; restrict it in [channel] for production");
+    }
+}

@@ -1,0 +1,156 @@
+//! WebSocket details the server needs beyond tungstenite's reader: the upgrade handshake
+//! checks and server-side frame encoding (unmasked, so one encoding serves every receiver).
+
+use bytes::Bytes;
+use http::HeaderMap;
+use switchboard_protocol::codes::Disconnect;
+use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
+use tungstenite::protocol::frame::FrameHeader;
+
+/// Frames `payload` as one final text frame.
+pub fn text_frame(payload: &[u8]) -> Bytes {
+    frame(OpCode::Data(Data::Text), payload)
+}
+
+/// A Close frame carrying a disconnect code and reason.
+pub fn close_frame(d: Disconnect) -> Bytes {
+    let mut payload = Vec::with_capacity(2 + d.reason.len());
+    payload.extend_from_slice(&d.code.to_be_bytes());
+    payload.extend_from_slice(d.reason.as_bytes());
+    frame(OpCode::Control(Control::Close), &payload)
+}
+
+fn frame(opcode: OpCode, payload: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(payload.len() + 10);
+    FrameHeader {
+        opcode,
+        ..FrameHeader::default()
+    }
+    .format(payload.len() as u64, &mut out)
+    .expect("writing to a Vec cannot fail");
+    out.extend_from_slice(payload);
+    Bytes::from(out)
+}
+
+/// Length of the header `text_frame` puts before a payload of `len` bytes.
+pub fn header_len(len: usize) -> usize {
+    match len {
+        0..=125 => 2,
+        126..=65535 => 4,
+        _ => 10,
+    }
+}
+
+/// Why an upgrade request is refused (HTTP status, message).
+pub type Refusal = (http::StatusCode, &'static str);
+
+/// Checks an upgrade request; returns the `Sec-WebSocket-Accept` value and the chosen
+/// subprotocol. A missing subprotocol and `centrifuge-json` are accepted.
+pub fn check_upgrade(headers: &HeaderMap) -> Result<(String, Option<&'static str>), Refusal> {
+    let bad = http::StatusCode::BAD_REQUEST;
+    let has_token = |name: http::header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|v| {
+            v.to_str()
+                .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+                .unwrap_or(false)
+        })
+    };
+    if !has_token(http::header::CONNECTION, "upgrade")
+        || !has_token(http::header::UPGRADE, "websocket")
+    {
+        return Err((
+            http::StatusCode::UPGRADE_REQUIRED,
+            "expected a WebSocket upgrade",
+        ));
+    }
+    if headers
+        .get(http::header::SEC_WEBSOCKET_VERSION)
+        .map(|v| v.as_bytes())
+        != Some(b"13")
+    {
+        return Err((bad, "unsupported WebSocket version"));
+    }
+    let key = headers
+        .get(http::header::SEC_WEBSOCKET_KEY)
+        .ok_or((bad, "missing Sec-WebSocket-Key"))?;
+    let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let offered: Vec<String> = headers
+        .get_all(http::header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(',').map(|p| p.trim().to_string()))
+        .filter(|p| !p.is_empty())
+        .collect();
+    let protocol = if offered.is_empty() {
+        None
+    } else if offered.iter().any(|p| p == "centrifuge-json") {
+        Some("centrifuge-json")
+    } else {
+        return Err((
+            bad,
+            "unsupported subprotocol: only centrifuge-json is served",
+        ));
+    };
+    Ok((accept, protocol))
+}
+
+/// Whether a browser origin may connect. No allow-list means any; no Origin header (a
+/// non-browser client) is always allowed, since origins only protect browsers.
+pub fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
+    if allowed.is_empty() {
+        return true;
+    }
+    match headers
+        .get(http::header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+    {
+        None => true,
+        Some(origin) => allowed
+            .iter()
+            .any(|a| a == "*" || a.eq_ignore_ascii_case(origin)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_match_rfc6455_lengths() {
+        for len in [0usize, 125, 126, 65535, 65536] {
+            let f = text_frame(&vec![b'x'; len]);
+            assert_eq!(f.len(), len + header_len(len));
+            assert_eq!(f[0], 0x81);
+        }
+        let c = close_frame(switchboard_protocol::codes::DISCONNECT_SLOW);
+        assert_eq!(&c[..], &[0x88, 6, 0x0b, 0xc0, b's', b'l', b'o', b'w']);
+    }
+
+    #[test]
+    fn upgrade_checks() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "keep-alive, Upgrade".parse().unwrap());
+        h.insert("upgrade", "websocket".parse().unwrap());
+        h.insert("sec-websocket-version", "13".parse().unwrap());
+        h.insert(
+            "sec-websocket-key",
+            "dGhlIHNhbXBsZSBub25jZQ==".parse().unwrap(),
+        );
+        let (accept, proto) = check_upgrade(&h).unwrap();
+        assert_eq!(accept, "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        assert_eq!(proto, None);
+        h.insert(
+            "sec-websocket-protocol",
+            "centrifuge-protobuf".parse().unwrap(),
+        );
+        assert!(check_upgrade(&h).is_err());
+        h.insert("sec-websocket-protocol", "centrifuge-json".parse().unwrap());
+        assert_eq!(check_upgrade(&h).unwrap().1, Some("centrifuge-json"));
+
+        let allowed = vec!["https://app.example".to_string()];
+        assert!(origin_allowed(&allowed, &h));
+        h.insert("origin", "https://evil.example".parse().unwrap());
+        assert!(!origin_allowed(&allowed, &h));
+        assert!(origin_allowed(&[], &h));
+    }
+}
