@@ -39,12 +39,14 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn http_error(status: StatusCode, message: String) -> Response {
-    (
-        status,
-        Json(json!({"error": {"code": status.as_u16(), "message": message}})),
-    )
-        .into_response()
+/// A request refused at the HTTP level: bad key, malformed body, unknown method.
+struct HttpError(StatusCode, String);
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"code": self.0.as_u16(), "message": self.1}});
+        (self.0, Json(body)).into_response()
+    }
 }
 
 fn api_error(e: ErrorCode) -> Response {
@@ -65,7 +67,7 @@ fn ok(v: Value) -> Response {
     Json(json!({ "result": v })).into_response()
 }
 
-fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, HttpError> {
     let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
         b"{}"
     } else {
@@ -73,7 +75,7 @@ fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
     };
     serde_json::from_slice(body).map_err(|e| {
         tracing::info!(error = %e, "api: malformed request body");
-        http_error(
+        HttpError(
             StatusCode::BAD_REQUEST,
             format!("malformed request body: {e}"),
         )
@@ -151,17 +153,19 @@ pub async fn handle(
     body: Bytes,
 ) -> Response {
     if !authorized(&node, &headers) {
-        return http_error(
+        let e = HttpError(
             StatusCode::UNAUTHORIZED,
             "missing or invalid API key".into(),
         );
+        return e.into_response();
     }
     match dispatch(&node, &method, &body).await {
-        Ok(r) | Err(r) => r,
+        Ok(r) => r,
+        Err(e) => e.into_response(),
     }
 }
 
-async fn dispatch(node: &Arc<Node>, method: &str, body: &[u8]) -> Result<Response, Response> {
+async fn dispatch(node: &Arc<Node>, method: &str, body: &[u8]) -> Result<Response, HttpError> {
     Ok(match method {
         "publish" => {
             let r: PublishReq = parse(body)?;
@@ -276,10 +280,8 @@ async fn dispatch(node: &Arc<Node>, method: &str, body: &[u8]) -> Result<Respons
         }
         "info" => ok(json!({ "nodes": [node_info(node)] })),
         _ => {
-            return Err(http_error(
-                StatusCode::NOT_FOUND,
-                format!("unknown API method {method:?}"),
-            ))
+            let msg = format!("unknown API method {method:?}");
+            return Err(HttpError(StatusCode::NOT_FOUND, msg));
         }
     })
 }

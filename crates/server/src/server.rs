@@ -80,7 +80,12 @@ async fn websocket(State(node): State<Arc<Node>>, mut req: Request) -> Response 
         };
         match upgraded.downcast::<TokioIo<TcpStream>>() {
             Ok(parts) => {
-                conn::run(task_node, parts.io.into_inner(), parts.read_buf.to_vec()).await;
+                // Copy the few bytes read past the request and drop `read_buf` now: it is a
+                // slice of hyper's 8 KiB read buffer, which would otherwise live as long as the
+                // connection.
+                let prefix = parts.read_buf.to_vec();
+                drop(parts.read_buf);
+                conn::run(task_node, parts.io.into_inner(), prefix).await;
             }
             Err(_) => tracing::error!("upgraded connection is not a TCP stream"),
         }

@@ -110,7 +110,13 @@ pub async fn run(node: Arc<Node>, stream: TcpStream, prefix: Vec<u8>) {
         .max_message_size(Some(node.config.client.max_frame_size))
         .max_frame_size(Some(node.config.client.max_frame_size));
     let io = ConnIo { conn: conn.clone() };
-    let mut ws = WebSocketStream::from_partially_read(io, prefix, Role::Server, Some(config)).await;
+    let mut ws = Box::pin(WebSocketStream::from_partially_read(
+        io,
+        prefix,
+        Role::Server,
+        Some(config),
+    ))
+    .await;
     let mut session = Session::new(node.clone(), conn.clone());
     let timer = tokio::time::sleep_until(session.next_deadline().into());
     tokio::pin!(timer);
@@ -128,7 +134,7 @@ pub async fn run(node: Arc<Node>, stream: TcpStream, prefix: Vec<u8>) {
                     break End::Gone;
                 }
                 for c in conn.take_control() {
-                    session.handle_control(c).await;
+                    Box::pin(session.handle_control(c)).await;
                 }
             }
             w = conn.stream.writable(), if backlog => {
@@ -138,7 +144,9 @@ pub async fn run(node: Arc<Node>, stream: TcpStream, prefix: Vec<u8>) {
             }
             msg = ws.next() => match msg {
                 Some(Ok(Message::Text(text))) => {
-                    if let Err(d) = session.handle_frame(text.as_str()).await {
+                    // Boxed: command handling is large and short-lived; an idle connection's
+                    // task should not carry its state (see BENCHMARKS.md, memory per connection).
+                    if let Err(d) = Box::pin(session.handle_frame(text.as_str())).await {
                         break End::Close(d);
                     }
                     timer.as_mut().reset(session.next_deadline().into());
@@ -167,10 +175,10 @@ pub async fn run(node: Arc<Node>, stream: TcpStream, prefix: Vec<u8>) {
         }
     };
 
-    session.cleanup().await;
+    Box::pin(session.cleanup()).await;
     let code = match end {
         End::Close(d) => {
-            finish(&conn, d).await;
+            Box::pin(finish(&conn, d)).await;
             d.code
         }
         End::Gone => codes::DISCONNECT_NORMAL.code,
