@@ -20,7 +20,7 @@ static void* reader(void*a){pin(1);int ep=epoll_create1(0);for(int i=0;i<N;i++){
 int main(int argc,char**argv){N=atoi(argv[1]);R=atoi(argv[2]);SECS=atoi(argv[3]);int nodelay=1;
  int l=socket(AF_INET,SOCK_STREAM,0);struct sockaddr_in a={.sin_family=AF_INET,.sin_addr.s_addr=htonl(0x7f000001)};bind(l,(void*)&a,sizeof a);listen(l,4096);socklen_t al=sizeof a;getsockname(l,(void*)&a,&al);
  cli=malloc(N*sizeof(int));int*srv=malloc(N*sizeof(int));
- for(int i=0;i<N;i++){cli[i]=socket(AF_INET,SOCK_STREAM,0);connect(cli[i],(void*)&a,sizeof a);srv[i]=accept(l,0,0);setsockopt(srv[i],IPPROTO_TCP,TCP_NODELAY,&nodelay,sizeof nodelay);}
+ for(int i=0;i<N;i++){cli[i]=socket(AF_INET,SOCK_STREAM,0);connect(cli[i],(void*)&a,sizeof a);srv[i]=accept(l,0,0);setsockopt(srv[i],IPPROTO_TCP,TCP_NODELAY,&nodelay,sizeof nodelay); if(getenv("CC")) setsockopt(srv[i],IPPROTO_TCP,TCP_CONGESTION,getenv("CC"),strlen(getenv("CC")));}
  pthread_t t;pthread_create(&t,0,reader,0);pin(0);char msg[70];memset(msg,'x',70);
  struct rusage r0,r1;getrusage(RUSAGE_THREAD,&r0);long total=0;
  for(int s=0;s<SECS*R;s++){for(int i=0;i<N;i++){write(srv[i],msg,70);total++;}usleep(1000000/R);}

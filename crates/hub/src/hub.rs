@@ -287,7 +287,7 @@ mod tests {
     #[tokio::test]
     async fn fans_out_once_encoded_in_offset_order() {
         let hub = Hub::new(
-            Arc::new(MemoryBroker::new()),
+            Arc::new(MemoryBroker::default()),
             Arc::new(MemoryPresence::new()),
         );
         let a = Arc::new(Collect::default());

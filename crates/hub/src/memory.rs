@@ -7,7 +7,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use dashmap::DashMap;
@@ -51,17 +51,35 @@ pub fn new_epoch() -> String {
         .collect()
 }
 
-#[derive(Default)]
+/// One node's engine.
+///
+/// Memory is bounded by activity: a stream lives `history_ttl` after its last publication, and
+/// a stream that was only read (a subscribe or history call on a quiet channel) lives
+/// `idle_ttl` after the last read. Either way an expired stream is dropped whole, and the next
+/// one for that channel starts with a new epoch, so positions from the old one are refused
+/// (`recovered: false`), never misread.
 pub struct MemoryBroker {
     handler: OnceLock<Weak<dyn BrokerEventHandler>>,
     /// One stream per channel with history. std Mutex: held only for in-memory work and the
     /// synchronous hand-off to the handler, never across an await.
     streams: DashMap<Arc<str>, Arc<Mutex<Stream>>>,
+    idle_ttl: Duration,
+}
+
+impl Default for MemoryBroker {
+    fn default() -> Self {
+        Self::new(Duration::from_secs(300))
+    }
 }
 
 impl MemoryBroker {
-    pub fn new() -> Self {
-        Self::default()
+    /// `idle_ttl`: how long a stream without publications is kept after it was last read.
+    pub fn new(idle_ttl: Duration) -> Self {
+        MemoryBroker {
+            handler: OnceLock::new(),
+            streams: DashMap::new(),
+            idle_ttl,
+        }
     }
 
     fn handler(&self) -> Option<Arc<dyn BrokerEventHandler>> {
@@ -74,13 +92,13 @@ impl MemoryBroker {
         }
         self.streams
             .entry(Arc::from(channel))
-            .or_insert_with(|| Arc::new(Mutex::new(Stream::new(Instant::now()))))
+            .or_insert_with(|| Arc::new(Mutex::new(Stream::new(Instant::now() + self.idle_ttl))))
             .clone()
     }
 }
 
 fn expired(s: &Stream, now: Instant) -> bool {
-    s.top > 0 && now >= s.expires_at
+    now >= s.expires_at
 }
 
 #[async_trait]
@@ -161,7 +179,9 @@ impl Broker for MemoryBroker {
         let mut s = stream.lock().expect("stream lock poisoned");
         let now = Instant::now();
         if expired(&s, now) {
-            *s = Stream::new(now);
+            *s = Stream::new(now + self.idle_ttl);
+        } else if s.top == 0 {
+            s.expires_at = s.expires_at.max(now + self.idle_ttl);
         }
         Ok(HistoryPage {
             publications: select(&s, filter)?,
@@ -266,7 +286,6 @@ impl PresenceStore for MemoryPresence {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn data(n: u64) -> Box<RawValue> {
         RawValue::from_string(n.to_string()).unwrap()
@@ -282,7 +301,7 @@ mod tests {
 
     #[tokio::test]
     async fn offsets_increase_and_ring_trims() {
-        let b = MemoryBroker::new();
+        let b = MemoryBroker::default();
         for i in 1..=5 {
             let pos = b.publish("c", data(i), None, &opts(3)).await.unwrap();
             assert_eq!(pos.offset, i);
@@ -304,7 +323,7 @@ mod tests {
 
     #[tokio::test]
     async fn since_reverse_and_limits() {
-        let b = MemoryBroker::new();
+        let b = MemoryBroker::default();
         let mut epoch = String::new();
         for i in 1..=10 {
             epoch = b
@@ -349,7 +368,7 @@ mod tests {
 
     #[tokio::test]
     async fn trimmed_position_is_unrecoverable_and_ttl_starts_new_epoch() {
-        let b = MemoryBroker::new();
+        let b = MemoryBroker::default();
         let mut o = opts(2);
         o.history_ttl = Duration::from_millis(20);
         let first = b.publish("c", data(1), None, &o).await.unwrap();
@@ -371,6 +390,29 @@ mod tests {
         let page = b.history("c", &HistoryFilter::default()).await.unwrap();
         assert_ne!(page.position.epoch, first.epoch);
         assert_eq!(page.position.offset, 0);
+    }
+
+    #[tokio::test]
+    async fn read_only_streams_expire_so_memory_stays_bounded() {
+        let b = MemoryBroker::new(Duration::from_millis(20));
+        let first = b
+            .history("quiet", &HistoryFilter::default())
+            .await
+            .unwrap()
+            .position;
+        assert_eq!(b.streams.len(), 1);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        b.sweep();
+        assert_eq!(b.streams.len(), 0);
+        let again = b
+            .history("quiet", &HistoryFilter::default())
+            .await
+            .unwrap()
+            .position;
+        assert_ne!(
+            first.epoch, again.epoch,
+            "a recreated stream is a new epoch"
+        );
     }
 
     #[tokio::test]

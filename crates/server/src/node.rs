@@ -86,10 +86,15 @@ pub struct Node {
 impl Node {
     pub fn new(config: Config, secrets: &Secrets) -> anyhow::Result<Arc<Node>> {
         let verifier = TokenVerifier::new(&config.token, &secrets.hmac_secret)?;
-        let hub = Hub::new(
-            Arc::new(MemoryBroker::new()),
-            Arc::new(MemoryPresence::new()),
-        );
+        // Quiet streams live as long as the longest history TTL, so a quiet channel's position
+        // stays recoverable at least as long as a busy one's.
+        let idle_ttl = std::iter::once(&config.channel)
+            .chain(config.namespaces.values())
+            .map(|ns| ns.history_ttl)
+            .max()
+            .unwrap_or_default();
+        let broker = Arc::new(MemoryBroker::new(idle_ttl));
+        let hub = Hub::new(broker, Arc::new(MemoryPresence::new()));
         let metrics = Metrics::new(hub.metrics());
         Ok(Arc::new(Node {
             config,
