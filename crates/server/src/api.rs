@@ -1,8 +1,8 @@
 //! The server HTTP API, compatible with Centrifugo's: `POST /api/{method}` with a JSON body,
 //! authenticated by `X-API-Key: KEY` or `Authorization: apikey KEY`. Results come back as
 //! `{"result": ...}`; failures of a well-formed request as `{"error": {code, message}}` with
-//! status 200, as Centrifugo does. Malformed JSON gets 400, a missing or wrong key 401, an
-//! unknown method 404.
+//! status 200, as Centrifugo does (a body of the wrong shape is error 107). A body that is not
+//! JSON gets 400, a missing or wrong key 401, an unknown method 404.
 
 use std::sync::Arc;
 
@@ -39,13 +39,24 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// A request refused at the HTTP level: bad key, malformed body, unknown method.
-struct HttpError(StatusCode, String);
+/// Why a request is refused before it is carried out.
+enum Refused {
+    /// At the HTTP level: bad key, body that is not JSON, unknown method.
+    Http(StatusCode, String),
+    /// A JSON body of the wrong shape: Centrifugo answers these with status 200 and an API
+    /// error (107), which `cent` reports as a `CentApiResponseError`.
+    Api(ErrorCode),
+}
 
-impl IntoResponse for HttpError {
+impl IntoResponse for Refused {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"code": self.0.as_u16(), "message": self.1}});
-        (self.0, Json(body)).into_response()
+        match self {
+            Refused::Http(status, message) => {
+                let body = json!({"error": {"code": status.as_u16(), "message": message}});
+                (status, Json(body)).into_response()
+            }
+            Refused::Api(e) => api_error(e),
+        }
     }
 }
 
@@ -67,18 +78,22 @@ fn ok(v: Value) -> Response {
     Json(json!({ "result": v })).into_response()
 }
 
-fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, HttpError> {
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Refused> {
     let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
         b"{}"
     } else {
         body
     };
-    serde_json::from_slice(body).map_err(|e| {
-        tracing::info!(error = %e, "api: malformed request body");
-        HttpError(
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        tracing::info!(error = %e, "api: request body is not JSON");
+        Refused::Http(
             StatusCode::BAD_REQUEST,
-            format!("malformed request body: {e}"),
+            format!("request body is not JSON: {e}"),
         )
+    })?;
+    serde_json::from_value(value).map_err(|e| {
+        tracing::info!(error = %e, "api: request of the wrong shape");
+        Refused::Api(codes::ERROR_BAD_REQUEST)
     })
 }
 
@@ -153,7 +168,7 @@ pub async fn handle(
     body: Bytes,
 ) -> Response {
     if !authorized(&node, &headers) {
-        let e = HttpError(
+        let e = Refused::Http(
             StatusCode::UNAUTHORIZED,
             "missing or invalid API key".into(),
         );
@@ -165,7 +180,7 @@ pub async fn handle(
     }
 }
 
-async fn dispatch(node: &Arc<Node>, method: &str, body: &[u8]) -> Result<Response, HttpError> {
+async fn dispatch(node: &Arc<Node>, method: &str, body: &[u8]) -> Result<Response, Refused> {
     Ok(match method {
         "publish" => {
             let r: PublishReq = parse(body)?;
@@ -281,7 +296,7 @@ async fn dispatch(node: &Arc<Node>, method: &str, body: &[u8]) -> Result<Respons
         "info" => ok(json!({ "nodes": [node_info(node)] })),
         _ => {
             let msg = format!("unknown API method {method:?}");
-            return Err(HttpError(StatusCode::NOT_FOUND, msg));
+            return Err(Refused::Http(StatusCode::NOT_FOUND, msg));
         }
     })
 }

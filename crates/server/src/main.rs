@@ -164,7 +164,13 @@ fn token(args: TokenArgs) -> Result<(), String> {
     if !config.token.rsa_public_key.is_empty() {
         return Err("the server expects RS256 tokens; sign them with your private key".into());
     }
-    let secrets = Secrets::resolve(&config).map_err(|e| e.to_string())?;
+    let (secret, generated) = Secrets::hmac_secret(&config).map_err(|e| e.to_string())?;
+    if generated {
+        eprintln!(
+            "note: no token secret configured; generated one in {}/token_hmac_secret",
+            config.data_dir.display()
+        );
+    }
     let info = match &args.info {
         Some(s) => Some(serde_json::from_str(s).map_err(|e| format!("--info is not JSON: {e}"))?),
         None => None,
@@ -178,6 +184,6 @@ fn token(args: TokenArgs) -> Result<(), String> {
         channels: args.channels,
         ..Default::default()
     };
-    println!("{}", sign_hs256(&secrets.hmac_secret, &claims));
+    println!("{}", sign_hs256(&secret, &claims));
     Ok(())
 }

@@ -46,11 +46,7 @@ pub struct Secrets {
 impl Secrets {
     /// Configured secrets, or ones generated once and kept in the data directory.
     pub fn resolve(config: &Config) -> std::io::Result<Secrets> {
-        let (hmac_secret, hmac_generated) = if config.token.hmac_secret.is_empty() {
-            persistent_secret(&config.data_dir, "token_hmac_secret")?
-        } else {
-            (config.token.hmac_secret.clone(), false)
-        };
+        let (hmac_secret, hmac_generated) = Self::hmac_secret(config)?;
         let (api_key, api_key_generated) = if config.api.key.is_empty() {
             persistent_secret(&config.data_dir, "api_key")?
         } else {
@@ -62,6 +58,16 @@ impl Secrets {
             api_key,
             api_key_generated,
         })
+    }
+
+    /// The token secret alone (for `switchboard token`, which needs no API key). Returns the
+    /// secret and whether it was generated now.
+    pub fn hmac_secret(config: &Config) -> std::io::Result<(String, bool)> {
+        if config.token.hmac_secret.is_empty() {
+            persistent_secret(&config.data_dir, "token_hmac_secret")
+        } else {
+            Ok((config.token.hmac_secret.clone(), false))
+        }
     }
 }
 

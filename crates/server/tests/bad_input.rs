@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::{api, error_code, http, unique, Bystander, Event, RawClient};
-use serde_json::json;
+use serde_json::{json, Value};
 use switchboard::testing::TestServer;
 
 #[tokio::test]
@@ -304,6 +304,45 @@ async fn malformed_api_json_is_400_with_message() {
     }
 
     bystander.check(&server).await;
+    server.shutdown().await;
+}
+
+/// JSON of the wrong shape is a Centrifugo API error (200 + 107), as `cent` expects; nothing
+/// is published.
+#[tokio::test]
+async fn api_json_of_wrong_shape_is_error_107() {
+    let server = TestServer::start().await;
+    for body in [
+        r#"{"channel":"a"}"#,
+        r#"{"data":{}}"#,
+        r#"{"channel":5,"data":{}}"#,
+    ] {
+        let resp = http()
+            .post(format!("{}/api/publish", server.http_url()))
+            .header("X-API-Key", &server.api_key)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200, "body {body:?}");
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["error"]["code"], 107, "body {body:?}: {v}");
+    }
+    let resp = http()
+        .post(format!("{}/api/history", server.http_url()))
+        .header("X-API-Key", &server.api_key)
+        .body(r#"{"channel":"a","limit":-1}"#)
+        .send()
+        .await
+        .unwrap();
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(
+        v["result"]["publications"]
+            .as_array()
+            .map_or(0, |p| p.len()),
+        0,
+        "{v}"
+    );
     server.shutdown().await;
 }
 

@@ -209,8 +209,10 @@ async fn finish(conn: &Conn, d: Disconnect) {
             return;
         }
     }
-    // Linux resets a socket closed with unread input, which can destroy the Close frame in
-    // flight; read until the peer closes (or a short timeout) first.
+    // Our FIN tells the peer we are done (RFC 6455: the server closes TCP first), so it closes
+    // its side at once instead of waiting. Then read until it does: Linux resets a socket
+    // closed with unread input, which can destroy the Close frame in flight.
+    let _ = socket2::SockRef::from(&conn.stream).shutdown(std::net::Shutdown::Write);
     let drain = async {
         let mut buf = [0u8; 512];
         loop {
