@@ -262,7 +262,7 @@ where
                         run(i, ws).await;
                     }
                     Err(e) => {
-                        let _ = ready.send(Err(e.context(format!("client {i}")))).await;
+                        let _ = ready.send(Err(e)).await;
                     }
                 }
             });
@@ -294,34 +294,44 @@ where
     }
 }
 
-/// Collects the first few distinct error messages, for the report.
+/// The first few distinct error messages, each with how often it occurred, for the report.
+/// Messages carry no connection number, so that 19k identical failures collapse into one entry.
 #[derive(Default)]
-pub(crate) struct ErrorSample(Vec<String>);
+pub(crate) struct ErrorSample(Vec<(String, u64)>);
 
 impl ErrorSample {
     const KEEP: usize = 5;
 
     pub(crate) fn add(&mut self, e: &anyhow::Error) {
-        let s = format!("{e:#}");
-        if self.0.len() < Self::KEEP && !self.0.contains(&s) {
-            self.0.push(s);
-        }
+        self.add_n(format!("{e:#}"), 1);
     }
 
-    pub(crate) fn into_vec(self) -> Vec<String> {
-        self.0
+    fn add_n(&mut self, msg: String, n: u64) {
+        if let Some(entry) = self.0.iter_mut().find(|(m, _)| *m == msg) {
+            entry.1 += n;
+        } else if self.0.len() < Self::KEEP {
+            self.0.push((msg, n));
+        }
     }
 
     pub(crate) fn extend(&mut self, other: ErrorSample) {
-        for e in other.0 {
-            if self.0.len() < Self::KEEP && !self.0.contains(&e) {
-                self.0.push(e);
-            }
+        for (msg, n) in other.0 {
+            self.add_n(msg, n);
         }
     }
 
+    /// `"message"`, or `"message (xN)"` when it occurred N > 1 times.
     pub(crate) fn snapshot(&self) -> Vec<String> {
-        self.0.clone()
+        self.0
+            .iter()
+            .map(|(m, n)| {
+                if *n > 1 {
+                    format!("{m} (x{n})")
+                } else {
+                    m.clone()
+                }
+            })
+            .collect()
     }
 }
 
@@ -355,6 +365,31 @@ mod tests {
         .unwrap();
         assert_eq!(got.claims.sub, "bench-7");
         assert!(got.claims.exp > now_ns() / 1_000_000_000 + 3500);
+    }
+
+    #[test]
+    fn error_sample_counts_repeats() {
+        let mut a = ErrorSample::default();
+        for _ in 0..3 {
+            a.add(&anyhow!("refused"));
+        }
+        a.add(&anyhow!("timeout").context("connect"));
+        let mut b = ErrorSample::default();
+        b.add(&anyhow!("refused"));
+        for i in 0..10 {
+            b.add(&anyhow!("distinct {i}"));
+        }
+        a.extend(b);
+        assert_eq!(
+            a.snapshot(),
+            [
+                "refused (x4)",
+                "connect: timeout",
+                "distinct 0",
+                "distinct 1",
+                "distinct 2"
+            ]
+        );
     }
 
     #[tokio::test]

@@ -55,28 +55,10 @@ pub struct ConnsReport {
     pub errors: Vec<String>,
 }
 
-pub(crate) fn resolve_server_pid(target: &Target, port: u16) -> Option<u32> {
-    let pid = target.server_pid.or_else(|| procfs::listener_pid(port));
-    if pid.is_none() {
-        eprintln!("bench: no --server-pid and no process found listening on port {port}; server readings will be null");
-    }
-    pid
-}
-
-pub(crate) fn warn_if_fd_limit_low(connections: usize) {
-    if let Some(limit) = procfs::open_files_soft_limit() {
-        if connections as u64 + 64 > limit {
-            eprintln!(
-                "bench: {connections} connections need about as many open files, but the soft limit is {limit}; raise it with `ulimit -n`"
-            );
-        }
-    }
-}
-
 pub async fn run(args: ConnsArgs) -> anyhow::Result<ConnsReport> {
-    warn_if_fd_limit_low(args.n);
+    procfs::warn_if_fd_limit_low(args.n);
     let dialer = Arc::new(Dialer::new(&args.target, READ_BUFFER).await?);
-    let pid = resolve_server_pid(&args.target, dialer.port());
+    let pid = procfs::server_pid(&args.target, dialer.port());
     let cpu_start = procfs::cpu_seconds(None);
     let rss_before = pid.and_then(|p| procfs::rss_kb(Some(p)));
     let started = Instant::now();
@@ -143,7 +125,7 @@ pub async fn run(args: ConnsArgs) -> anyhow::Result<ConnsReport> {
         elapsed_s: round3(elapsed.as_secs_f64()),
         hold_s: round3(args.hold.as_secs_f64()),
         bench_cpu_s: bench_cpu,
-        errors: errors.into_vec(),
+        errors: errors.snapshot(),
     })
 }
 

@@ -16,20 +16,20 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::client::{now_ns, open_all, pong, request_reply, Dialer, ErrorSample, Ws};
-use crate::conns::{resolve_server_pid, warn_if_fd_limit_low};
 use crate::stats::{self, Recorder, Window};
 use crate::wire::{self, Line};
 use crate::{procfs, round3, Target};
 
 pub use crate::stats::LatencySummary;
 
-/// Read chunk per subscriber. It is larger than for idle connections, so that a batched frame
-/// usually takes one read.
-const READ_BUFFER: usize = 16 * 1024;
+/// Read chunk per subscriber. tungstenite zero-fills this much before every read attempt, so a
+/// larger chunk costs CPU on every message. 16 KiB cost 10% of the bench's CPU in a profile.
+/// 4 KiB still takes a batch of about 20 small pushes in one read.
+const READ_BUFFER: usize = 4096;
 /// The publisher buffers the messages due at each tick and flushes them with one write.
 const PUBLISHER_WRITE_BUFFER: usize = 64 * 1024;
 /// The publisher's tick. tokio timers have 1 ms resolution. At higher rates, several
@@ -37,8 +37,8 @@ const PUBLISHER_WRITE_BUFFER: usize = 64 * 1024;
 const MIN_TICK: Duration = Duration::from_millis(1);
 /// After the window, the bench stops waiting once deliveries have not grown for this long...
 const DRAIN_IDLE: Duration = Duration::from_secs(1);
-/// ...or after this long in total.
-const DRAIN_MAX: Duration = Duration::from_secs(10);
+/// ...or after this long in total. Whatever is still queued then counts as lost.
+const DRAIN_MAX: Duration = Duration::from_secs(30);
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// Size of `{"t":<19 digits>,"p":""}`, the data without padding.
 const DATA_OVERHEAD: usize = 32;
@@ -88,6 +88,8 @@ pub struct FanoutReport {
     pub loss: f64,
     pub deliveries_per_s: f64,
     pub latency_ms: Option<LatencySummary>,
+    /// Time spent after the window waiting for the remaining deliveries.
+    pub drain_s: f64,
     /// Subscribers that the server disconnected during the run.
     pub disconnected: usize,
     pub server_pid: Option<u32>,
@@ -95,6 +97,8 @@ pub struct FanoutReport {
     pub server_cpu_s_per_million_deliveries: Option<f64>,
     pub deliveries_per_server_cpu_s: Option<f64>,
     pub bench_cpu_s: Option<f64>,
+    /// The bench's own cost. If it is near the server's, the bench may be what limits the run.
+    pub bench_cpu_s_per_million_deliveries: Option<f64>,
     /// The first few distinct errors: failed subscribers, rejected publishes, disconnect reasons.
     pub errors: Vec<String>,
 }
@@ -108,11 +112,12 @@ struct Shared {
 }
 
 impl Shared {
+    fn errors(&self) -> std::sync::MutexGuard<'_, ErrorSample> {
+        self.errors.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn error(&self, e: anyhow::Error) {
-        self.errors
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .add(&e);
+        self.errors().add(&e);
     }
 }
 
@@ -120,9 +125,9 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
     if args.rate == 0 || args.duration.is_zero() {
         bail!("--rate and --duration must be positive");
     }
-    warn_if_fd_limit_low(args.subs + 1);
+    procfs::warn_if_fd_limit_low(args.subs + 1);
     let dialer = Arc::new(Dialer::new(&args.target, READ_BUFFER).await?);
-    let pid = resolve_server_pid(&args.target, dialer.port());
+    let pid = procfs::server_pid(&args.target, dialer.port());
     let shared = Arc::new(Shared {
         window: Window::new(),
         recorder: Recorder::new(),
@@ -156,18 +161,12 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
     };
     let subscribed = opened.connected;
     let mut tasks = opened.tasks;
-    shared
-        .errors
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .extend(opened.errors);
+    shared.errors().extend(opened.errors);
     if subscribed == 0 {
-        let errors = shared
-            .errors
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .snapshot();
-        bail!("no subscriber could subscribe: {errors:?}");
+        bail!(
+            "no subscriber could subscribe: {:?}",
+            shared.errors().snapshot()
+        );
     }
 
     // Publisher: its own connection. The user number follows the subscribers' numbers.
@@ -180,6 +179,7 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
     let end_ns = start_ns + args.duration.as_nanos() as u64;
     shared.window.set(start_ns, end_ns);
     let begin = Instant::now();
+    let (published_tx, published_rx) = oneshot::channel();
     let publisher = tokio::spawn(publish(
         publisher_ws,
         Plan {
@@ -189,6 +189,8 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
             until: begin + args.warmup + args.duration,
         },
         shared.clone(),
+        published_tx,
+        stop_tx.subscribe(),
     ));
 
     tokio::time::sleep_until((begin + args.warmup).into()).await;
@@ -200,11 +202,30 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
     let bench_cpu_end = procfs::cpu_seconds(None);
     let window_s = measured_from.elapsed().as_secs_f64();
 
-    let published = publisher.await??;
-    let expected = published.in_window * subscribed as u64;
+    let published = match published_rx.await {
+        Ok(n) => n,
+        // The publisher gave up before the end of the window: report why.
+        Err(_) => {
+            return Err(publisher
+                .await?
+                .err()
+                .unwrap_or_else(|| anyhow::anyhow!("publisher stopped")))
+        }
+    };
+    let expected = published * subscribed as u64;
+    let drain_started = Instant::now();
     drain(&shared.recorder, expected).await;
+    let drain_s = round3(drain_started.elapsed().as_secs_f64());
 
     let _ = stop_tx.send(true);
+    let publish_errors = match publisher.await? {
+        Ok(n) => n,
+        // Every publication was sent, so the report is still worth having.
+        Err(e) => {
+            shared.error(e.context("publisher, after the window"));
+            0
+        }
+    };
     let _ = tokio::time::timeout(CLOSE_GRACE, async {
         while tasks.join_next().await.is_some() {}
     })
@@ -212,12 +233,10 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
     tasks.abort_all();
 
     let (latency, deliveries, _) = shared.recorder.merge();
-    let errors = shared
-        .errors
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .snapshot();
+    let errors = shared.errors().snapshot();
     let server_cpu = server_cpu_start.zip(server_cpu_end).map(|(a, b)| b - a);
+    let bench_cpu = bench_cpu_start.zip(bench_cpu_end).map(|(a, b)| b - a);
+    warn_if_bench_bound(bench_cpu, window_s);
     let duration_s = args.duration.as_secs_f64();
     Ok(FanoutReport {
         bench: "fanout",
@@ -226,17 +245,19 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
         rate: args.rate,
         size: args.size.max(DATA_OVERHEAD),
         duration_s: round3(duration_s),
-        published: published.in_window,
-        publish_errors: published.errors,
+        published,
+        publish_errors,
         expected_deliveries: expected,
         deliveries,
         loss: if expected == 0 {
             0.0
         } else {
-            1.0 - deliveries as f64 / expected as f64
+            // Six decimals: one lost delivery in a million still shows.
+            ((1.0 - deliveries as f64 / expected as f64) * 1e6).round() / 1e6
         },
         deliveries_per_s: round3(deliveries as f64 / duration_s),
         latency_ms: stats::summarize(&latency),
+        drain_s,
         disconnected: shared.disconnected.load(Ordering::Relaxed),
         server_pid: pid,
         server_cpu_s: server_cpu.map(round3),
@@ -247,23 +268,40 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
             .filter(|&c| c > 0.0)
             // The /proc sample covers window_s, which may be a little longer than duration_s.
             .map(|c| round3(deliveries as f64 / (c * duration_s / window_s))),
-        bench_cpu_s: bench_cpu_start
-            .zip(bench_cpu_end)
-            .map(|(a, b)| round3(b - a)),
+        bench_cpu_s: bench_cpu.map(round3),
+        bench_cpu_s_per_million_deliveries: bench_cpu
+            .filter(|_| deliveries > 0)
+            .map(|c| round3(c * 1e6 / deliveries as f64)),
         errors,
     })
 }
 
-/// Waits until every expected delivery arrived, or deliveries stop growing.
+/// A bench that used nearly all the cores it may run on has measured itself, not the server.
+fn warn_if_bench_bound(bench_cpu: Option<f64>, window_s: f64) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    if let Some(cpu) = bench_cpu {
+        if cpu > 0.9 * cores * window_s {
+            eprintln!(
+                "bench: used {cpu:.2} CPU-s of {:.2} available ({cores} cores): the bench may be the bottleneck; give it more cores or lower the load",
+                cores * window_s
+            );
+        }
+    }
+}
+
+/// Waits until every expected delivery arrived, or nothing arrives for a while. "Nothing"
+/// includes warm-up messages: an overloaded server may still be sending those after the window.
 async fn drain(recorder: &Recorder, expected: u64) {
     let started = Instant::now();
-    let mut last = (recorder.deliveries(), Instant::now());
-    while last.0 < expected && started.elapsed() < DRAIN_MAX && last.1.elapsed() < DRAIN_IDLE {
+    let (mut inside, mut received) = recorder.progress();
+    let mut last_change = Instant::now();
+    while inside < expected && started.elapsed() < DRAIN_MAX && last_change.elapsed() < DRAIN_IDLE {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let now = recorder.deliveries();
-        if now != last.0 {
-            last = (now, Instant::now());
+        let now = recorder.progress();
+        if now.1 != received {
+            last_change = Instant::now();
         }
+        (inside, received) = now;
     }
 }
 
@@ -286,7 +324,7 @@ async fn receive(mut ws: Ws, i: usize, shared: &Shared, mut stop: watch::Receive
                 shared.disconnected.fetch_add(1, Ordering::Relaxed);
                 let why = frame.as_ref().map(|c| format!("{} {}", c.code, c.reason));
                 shared.error(anyhow::anyhow!(
-                    "subscriber {i} closed by server: {}",
+                    "subscriber closed by server: {}",
                     why.unwrap_or_default()
                 ));
                 return;
@@ -294,7 +332,7 @@ async fn receive(mut ws: Ws, i: usize, shared: &Shared, mut stop: watch::Receive
             Some(Ok(_)) => continue,
             Some(Err(e)) => {
                 shared.disconnected.fetch_add(1, Ordering::Relaxed);
-                shared.error(anyhow::anyhow!("subscriber {i}: {e}"));
+                shared.error(anyhow::anyhow!("subscriber connection failed: {e}"));
                 return;
             }
             None => {
@@ -333,34 +371,32 @@ struct Plan {
     until: Instant,
 }
 
-struct Published {
-    in_window: u64,
-    errors: u64,
-}
-
-/// Publishes at `plan.rate` until `plan.until`, reading replies and pings in between. Returns
-/// once every reply has arrived, or after a short grace period.
-async fn publish(mut ws: Ws, plan: Plan, shared: Arc<Shared>) -> anyhow::Result<Published> {
+/// Publishes at `plan.rate` until `plan.until`, then sends the number of messages stamped
+/// inside the window on `published`. It keeps reading replies and answering pings until
+/// `stop`: closing earlier, with replies unread, would make the kernel reset the connection,
+/// and the server would drop publishes it had not read yet. Returns the number of error replies.
+async fn publish(
+    mut ws: Ws,
+    plan: Plan,
+    shared: Arc<Shared>,
+    published: oneshot::Sender<u64>,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<u64> {
     let channel = serde_json::to_string(&plan.channel)?;
     let padding = "x".repeat(plan.size.saturating_sub(DATA_OVERHEAD));
     let tick = Duration::from_secs_f64(1.0 / f64::from(plan.rate)).max(MIN_TICK);
     let mut ticker = tokio::time::interval(tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let begin = Instant::now();
-    let (mut sent, mut in_window, mut replies, mut errors) = (0u64, 0u64, 0u64, 0u64);
+    let (mut sent, mut in_window, mut errors) = (0u64, 0u64, 0u64);
     let mut command = String::with_capacity(plan.size + 96);
-    let mut grace_until: Option<Instant> = None;
+    let mut published = Some(published);
 
     loop {
         tokio::select! {
-            _ = ticker.tick(), if grace_until.is_none() => {
-                let now = Instant::now();
-                let due = if now >= plan.until {
-                    (plan.until - begin).as_secs_f64()
-                } else {
-                    (now - begin).as_secs_f64()
-                };
-                let due = (due * f64::from(plan.rate)).floor() as u64 + 1;
+            _ = ticker.tick(), if published.is_some() => {
+                let now = Instant::now().min(plan.until);
+                let due = ((now - begin).as_secs_f64() * f64::from(plan.rate)).floor() as u64 + 1;
                 while sent < due {
                     let t = now_ns();
                     if shared.window.contains(t) {
@@ -375,7 +411,9 @@ async fn publish(mut ws: Ws, plan: Plan, shared: Arc<Shared>) -> anyhow::Result<
                 }
                 ws.flush().await?;
                 if now >= plan.until {
-                    grace_until = Some(now + Duration::from_secs(2));
+                    if let Some(tx) = published.take() {
+                        let _ = tx.send(in_window);
+                    }
                 }
             }
             msg = ws.next() => {
@@ -390,12 +428,9 @@ async fn publish(mut ws: Ws, plan: Plan, shared: Arc<Shared>) -> anyhow::Result<
                 for line in wire::lines(frame) {
                     match wire::classify(line) {
                         Line::Ping => pinged = true,
-                        Line::Other if line.starts_with(b"{\"id\":") => {
-                            replies += 1;
-                            if wire::is_error_reply(line) {
-                                errors += 1;
-                                shared.error(anyhow::anyhow!("publish: {}", String::from_utf8_lossy(line)));
-                            }
+                        Line::Other if wire::is_error_reply(line) => {
+                            errors += 1;
+                            shared.error(anyhow::anyhow!("publish: {}", String::from_utf8_lossy(line)));
                         }
                         _ => {}
                     }
@@ -404,19 +439,9 @@ async fn publish(mut ws: Ws, plan: Plan, shared: Arc<Shared>) -> anyhow::Result<
                     ws.send(pong()).await?;
                 }
             }
-            _ = sleep_until_opt(grace_until) => break,
-        }
-        if grace_until.is_some() && replies >= sent {
-            break;
+            _ = stop.changed() => break,
         }
     }
     let _ = ws.close(None).await;
-    Ok(Published { in_window, errors })
-}
-
-async fn sleep_until_opt(t: Option<Instant>) {
-    match t {
-        Some(t) => tokio::time::sleep_until(t.into()).await,
-        None => std::future::pending().await,
-    }
+    Ok(errors)
 }

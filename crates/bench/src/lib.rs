@@ -64,10 +64,12 @@ pub enum BenchCommand {
 /// Call it from a multi-threaded tokio runtime. With a current-thread runtime, the receive
 /// path shares one core with everything else in the process.
 pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
-    let line = match cmd {
-        BenchCommand::Conns(args) => serde_json::to_string(&conns::run(args).await?)?,
-        BenchCommand::Fanout(args) => serde_json::to_string(&fanout::run(args).await?)?,
+    let report = match cmd {
+        BenchCommand::Conns(args) => conns::run(args).await.map(|r| serde_json::to_string(&r)),
+        BenchCommand::Fanout(args) => fanout::run(args).await.map(|r| serde_json::to_string(&r)),
     };
+    // Flatten the context chain into one message: callers may print only the outermost layer.
+    let line = report.map_err(|e| anyhow::anyhow!("{e:#}"))??;
     println!("{line}");
     Ok(())
 }

@@ -1,10 +1,12 @@
 //! Readings from `/proc`: resident memory, CPU time, the open-files limit, and which process
-//! listens on a TCP port. Linux only. Every reading is an `Option`, because a report with a
-//! missing field is more useful than no report.
+//! listens on a TCP port, plus the start-up checks built on them. Linux only. Every reading is
+//! an `Option`, because a report with a missing field is more useful than no report.
 //!
 //! The parsers take file contents, not paths, so tests can feed them fixed text.
 
 use std::fs;
+
+use crate::Target;
 
 /// `sysconf(_SC_CLK_TCK)`. It is 100 on every Linux build we run on. Calling `sysconf` would
 /// need `unsafe`, which this workspace forbids.
@@ -114,6 +116,26 @@ pub(crate) fn listener_pid(port: u16) -> Option<u32> {
         }
     }
     None
+}
+
+/// `--server-pid`, or else the process listening on the target port.
+pub(crate) fn server_pid(target: &Target, port: u16) -> Option<u32> {
+    let pid = target.server_pid.or_else(|| listener_pid(port));
+    if pid.is_none() {
+        eprintln!("bench: no --server-pid and no process found listening on port {port}; server readings will be null");
+    }
+    pid
+}
+
+/// Each connection is a file descriptor, and the bench cannot raise its own limit (no `unsafe`).
+pub(crate) fn warn_if_fd_limit_low(connections: usize) {
+    if let Some(limit) = open_files_soft_limit() {
+        if connections as u64 + 64 > limit {
+            eprintln!(
+                "bench: {connections} connections need about as many open files, but the soft limit is {limit}; raise it with `ulimit -n`"
+            );
+        }
+    }
 }
 
 #[cfg(test)]

@@ -96,9 +96,13 @@ impl Recorder {
         &self.shards[i % self.shards.len()]
     }
 
-    /// Deliveries inside the window so far. Locks every shard in turn, so poll it, don't spin on it.
-    pub(crate) fn deliveries(&self) -> u64 {
-        self.shards.iter().map(|s| lock(s).deliveries).sum()
+    /// (in-window deliveries, all publications received) so far. Locks every shard in turn,
+    /// so poll it, don't spin on it.
+    pub(crate) fn progress(&self) -> (u64, u64) {
+        self.shards.iter().fold((0, 0), |(inside, all), s| {
+            let s = lock(s);
+            (inside + s.deliveries, all + s.deliveries + s.outside)
+        })
     }
 
     /// Totals across all shards: (latency histogram, in-window deliveries, other deliveries).
@@ -191,7 +195,7 @@ mod tests {
         }
         let (h, inside, outside) = r.merge();
         assert_eq!((inside, outside), (3, 3));
-        assert_eq!(r.deliveries(), 3);
+        assert_eq!(r.progress(), (3, 6));
         let s = summarize(&h).unwrap();
         // Readings are the top of their 3-significant-digit bucket.
         assert!((s.max - 2.5).abs() <= 0.003, "{s:?}");
