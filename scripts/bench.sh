@@ -30,6 +30,9 @@ for _ in $(seq "$RUNS"); do
   bench fanout --subs 1000 --rate 100 --size 70 --duration 10s
   bench fanout --subs 1000 --rate 50 --size 70 --duration 10s
   bench fanout --subs 10000 --rate 2 --size 70 --duration 15s
+  # Slow consumers: the same load without and with 20 subscribers that never read.
+  bench fanout --subs 200 --rate 50 --size 16000 --duration 10s
+  bench fanout --subs 200 --rate 50 --size 16000 --duration 10s --stalled 20
 done
 stop_server
 # The kernel's floor for the same pattern: raw 70-byte write()s from one core.

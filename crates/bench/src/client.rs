@@ -58,6 +58,8 @@ pub(crate) struct Dialer {
     sources: Vec<IpAddr>,
     key: EncodingKey,
     config: WebSocketConfig,
+    /// Kernel receive buffer (SO_RCVBUF) for each socket; `None` keeps the system default.
+    recv_buffer: Option<u32>,
 }
 
 impl Dialer {
@@ -97,7 +99,15 @@ impl Dialer {
                 // 0: every message is written to the socket at once, with no buffer kept around.
                 .write_buffer_size(0)
                 .max_message_size(Some(16 << 20)),
+            recv_buffer: None,
         })
+    }
+
+    /// A small kernel receive buffer, so that a connection that stops reading backs up into
+    /// the server quickly (`fanout --stalled`).
+    pub(crate) fn with_recv_buffer(mut self, bytes: u32) -> Self {
+        self.recv_buffer = Some(bytes);
+        self
     }
 
     pub(crate) fn port(&self) -> u16 {
@@ -132,6 +142,9 @@ impl Dialer {
         let socket = TcpSocket::new_v4()
             .or_else(|_| TcpSocket::new_v6())
             .context("socket")?;
+        if let Some(bytes) = self.recv_buffer {
+            socket.set_recv_buffer_size(bytes).context("SO_RCVBUF")?;
+        }
         if !self.sources.is_empty() {
             let src = self.sources[i % self.sources.len()];
             socket

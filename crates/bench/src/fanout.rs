@@ -67,6 +67,10 @@ pub struct FanoutArgs {
     /// Subscriber connection attempts in flight at once.
     #[arg(long, default_value_t = 200)]
     pub concurrency: usize,
+    /// Extra subscribers that never read (4 KiB receive buffer). The server should close them
+    /// with 3008 while the others keep their latency; they are not counted in deliveries.
+    #[arg(long, default_value_t = 0)]
+    pub stalled: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -92,6 +96,14 @@ pub struct FanoutReport {
     pub drain_s: f64,
     /// Subscribers that the server disconnected during the run.
     pub disconnected: usize,
+    /// Stalled subscribers opened (`--stalled`), how many the server closed (a Close frame,
+    /// or the socket dropped when the peer would not even read the Close frame), and how many
+    /// of those closes carried 3008.
+    pub stalled: usize,
+    pub stalled_closed: usize,
+    pub stalled_closed_3008: usize,
+    /// Server RSS at the end of the measured window.
+    pub server_rss_kb: Option<u64>,
     pub server_pid: Option<u32>,
     pub server_cpu_s: Option<f64>,
     pub server_cpu_s_per_million_deliveries: Option<f64>,
@@ -141,6 +153,7 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let opened = {
         let shared = shared.clone();
+        let subscribe = subscribe.clone();
         open_all(
             args.subs,
             args.concurrency,
@@ -167,6 +180,19 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
             "no subscriber could subscribe: {:?}",
             shared.errors().snapshot()
         );
+    }
+
+    // Stalled subscribers: subscribe, then never read again until the end of the run.
+    let mut stalled = Vec::with_capacity(args.stalled);
+    if args.stalled > 0 {
+        let dialer = Dialer::new(&args.target, READ_BUFFER)
+            .await?
+            .with_recv_buffer(4096);
+        for k in 0..args.stalled {
+            let mut ws = dialer.open(args.subs + 1 + k).await?;
+            request_reply(&mut ws, 2, subscribe.clone(), "subscribe").await?;
+            stalled.push(ws);
+        }
     }
 
     // Publisher: its own connection. The user number follows the subscribers' numbers.
@@ -200,6 +226,7 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
     tokio::time::sleep_until((begin + args.warmup + args.duration).into()).await;
     let server_cpu_end = pid.and_then(|p| procfs::cpu_seconds(Some(p)));
     let bench_cpu_end = procfs::cpu_seconds(None);
+    let server_rss_kb = pid.and_then(|p| procfs::rss_kb(Some(p)));
     let window_s = measured_from.elapsed().as_secs_f64();
 
     let published = match published_rx.await {
@@ -217,6 +244,9 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
     drain(&shared.recorder, expected).await;
     let drain_s = round3(drain_started.elapsed().as_secs_f64());
 
+    let codes = close_codes(stalled).await;
+    let stalled_closed = codes.iter().filter(|c| c.is_some()).count();
+    let stalled_closed_3008 = codes.iter().filter(|&&c| c == Some(3008)).count();
     let _ = stop_tx.send(true);
     let publish_errors = match publisher.await? {
         Ok(n) => n,
@@ -259,6 +289,10 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
         latency_ms: stats::summarize(&latency),
         drain_s,
         disconnected: shared.disconnected.load(Ordering::Relaxed),
+        stalled: args.stalled,
+        stalled_closed,
+        stalled_closed_3008,
+        server_rss_kb,
         server_pid: pid,
         server_cpu_s: server_cpu.map(round3),
         server_cpu_s_per_million_deliveries: server_cpu
@@ -274,6 +308,26 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
             .map(|c| round3(c * 1e6 / deliveries as f64)),
         errors,
     })
+}
+
+/// Reads what each stalled connection was sent until the server closed it. Returns, per
+/// connection, `Some(code)` for a Close frame, `Some(0)` when the stream ended without one,
+/// and `None` when it was still open after the grace period.
+async fn close_codes(stalled: Vec<Ws>) -> Vec<Option<u16>> {
+    let reads = stalled.into_iter().map(|mut ws| async move {
+        let read = async {
+            while let Some(msg) = ws.next().await {
+                match msg {
+                    Ok(Message::Close(Some(frame))) => return u16::from(frame.code),
+                    Ok(_) => {}
+                    Err(_) => return 0,
+                }
+            }
+            0
+        };
+        tokio::time::timeout(CLOSE_GRACE, read).await.ok()
+    });
+    futures_util::future::join_all(reads).await
 }
 
 /// A bench that used nearly all the cores it may run on has measured itself, not the server.

@@ -162,6 +162,7 @@ async fn fanout_against_mock() {
         warmup: Duration::from_millis(200),
         channel: "bench".into(),
         concurrency: 8,
+        stalled: 0,
     })
     .await
     .unwrap();
