@@ -79,6 +79,15 @@ pub trait Broker: Send + Sync {
         opts: &PublishOptions,
     ) -> Result<StreamPosition, BrokerError>;
 
+    /// Delivers a publication whose position was assigned elsewhere (a durable store) to every
+    /// node subscribed to `channel`, offset untouched, without adding it to broker history.
+    /// Callers broadcast a channel's publications one at a time, in offset order.
+    async fn broadcast(
+        &self,
+        channel: &str,
+        publication: Arc<Publication>,
+    ) -> Result<(), BrokerError>;
+
     async fn publish_join(&self, channel: &str, info: &ClientInfo) -> Result<(), BrokerError>;
     async fn publish_leave(&self, channel: &str, info: &ClientInfo) -> Result<(), BrokerError>;
 

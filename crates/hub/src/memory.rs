@@ -148,6 +148,17 @@ impl Broker for MemoryBroker {
         Ok(position)
     }
 
+    async fn broadcast(
+        &self,
+        channel: &str,
+        publication: Arc<Publication>,
+    ) -> Result<(), BrokerError> {
+        if let Some(h) = self.handler() {
+            h.handle_publication(channel, publication);
+        }
+        Ok(())
+    }
+
     async fn publish_join(&self, channel: &str, info: &ClientInfo) -> Result<(), BrokerError> {
         if let Some(h) = self.handler() {
             h.handle_join(channel, info);

@@ -260,12 +260,19 @@ async fn dispatch(node: &Arc<Node>, method: &str, body: &[u8]) -> Result<Respons
         }
         "history" => {
             let r: HistoryReq = parse(body)?;
+            let owner = node.owner(&r.channel);
             match node.config.namespace(&r.channel) {
                 None => api_error(codes::ERROR_UNKNOWN_CHANNEL),
-                Some(ns) if ns.history_size == 0 => api_error(codes::ERROR_NOT_AVAILABLE),
+                Some(ns) if ns.history_size == 0 && owner.is_none() => {
+                    api_error(codes::ERROR_NOT_AVAILABLE)
+                }
                 Some(_) => {
                     let f = history_filter(r.limit, r.since, r.reverse);
-                    match node.hub.broker.history(&r.channel, &f).await {
+                    let page = match owner {
+                        Some(o) => o.history(&r.channel, &f).await,
+                        None => node.hub.broker.history(&r.channel, &f).await,
+                    };
+                    match page {
                         Ok(page) => ok(json!({
                             "publications": page.publications,
                             "offset": page.position.offset,
@@ -278,6 +285,10 @@ async fn dispatch(node: &Arc<Node>, method: &str, body: &[u8]) -> Result<Respons
         }
         "history_remove" => {
             let r: ChannelReq = parse(body)?;
+            if node.owner(&r.channel).is_some() {
+                // A durable stream is never dropped through this API.
+                return Ok(api_error(codes::ERROR_NOT_AVAILABLE));
+            }
             match node.hub.broker.remove_history(&r.channel).await {
                 Ok(()) => ok(json!({})),
                 Err(e) => broker_error(e),
@@ -337,6 +348,10 @@ async fn publish_one(
         .config
         .namespace(channel)
         .ok_or(codes::ERROR_UNKNOWN_CHANNEL)?;
+    if node.owner(channel).is_some() {
+        // The owning service assigns these channels' offsets; it has its own write path.
+        return Err(codes::ERROR_NOT_AVAILABLE);
+    }
     let mut opts = publish_options(ns);
     if skip_history {
         opts.history_size = 0;

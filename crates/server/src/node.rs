@@ -35,6 +35,32 @@ pub trait RpcHandler: Send + Sync {
     ) -> Result<Option<Box<RawValue>>, ErrorCode>;
 }
 
+/// A service that owns the channels of one namespace (chat rooms, for instance): it decides who
+/// may subscribe, handles client publishes (persisting them and then broadcasting them with
+/// `Broker::broadcast`, one channel's publications in offset order), and keeps each channel's
+/// durable stream, which subscribe and `history` read instead of the broker's ring. Channels of
+/// an owned namespace are always positioned and recoverable.
+#[async_trait]
+pub trait ChannelOwner: Send + Sync {
+    /// Whether `user` may subscribe to `channel` (after the namespace's own rules passed).
+    async fn can_subscribe(&self, user: &str, channel: &str) -> Result<(), ErrorCode>;
+
+    /// A client `publish` to `channel`. Errors go back to the client as they are.
+    async fn publish(
+        &self,
+        ctx: RpcContext<'_>,
+        channel: &str,
+        data: &RawValue,
+    ) -> Result<(), ErrorCode>;
+
+    /// The channel's durable stream, with the semantics of `Broker::history`.
+    async fn history(
+        &self,
+        channel: &str,
+        filter: &switchboard_hub::HistoryFilter,
+    ) -> Result<switchboard_hub::HistoryPage, switchboard_hub::BrokerError>;
+}
+
 /// Secrets in effect, and whether each was generated (to warn about it).
 pub struct Secrets {
     pub hmac_secret: String,
@@ -84,6 +110,8 @@ pub struct Node {
     pub users: DashMap<String, Vec<Arc<str>>>,
     pub connections: AtomicUsize,
     rpc: RwLock<HashMap<String, Arc<dyn RpcHandler>>>,
+    /// Services owning namespaces, by namespace name.
+    owners: RwLock<HashMap<String, Arc<dyn ChannelOwner>>>,
     pub metrics: Metrics,
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
@@ -113,6 +141,7 @@ impl Node {
             users: DashMap::new(),
             connections: AtomicUsize::new(0),
             rpc: RwLock::new(HashMap::new()),
+            owners: RwLock::new(HashMap::new()),
             metrics,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -131,6 +160,24 @@ impl Node {
             .read()
             .expect("rpc lock poisoned")
             .get(method)
+            .cloned()
+    }
+
+    /// Hands the channels of `namespace` to `owner`. The namespace must be configured.
+    pub fn register_owner(&self, namespace: &str, owner: Arc<dyn ChannelOwner>) {
+        self.owners
+            .write()
+            .expect("owners lock poisoned")
+            .insert(namespace.to_string(), owner);
+    }
+
+    /// The service owning `channel`'s namespace, if any.
+    pub fn owner(&self, channel: &str) -> Option<Arc<dyn ChannelOwner>> {
+        let (ns, _) = channel.split_once(':')?;
+        self.owners
+            .read()
+            .expect("owners lock poisoned")
+            .get(ns)
             .cloned()
     }
 

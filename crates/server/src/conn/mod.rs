@@ -36,8 +36,10 @@ use crate::ws;
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long to wait for the peer to finish after our Close frame before dropping the socket.
 const CLOSE_DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
-/// Initial read buffer: small, because most connections are idle most of the time.
-const READ_BUFFER_BYTES: usize = 1024;
+/// Initial read buffer: small, because most connections are idle most of the time. A typical
+/// `connect` with its JWT fits; tungstenite grows the buffer to a frame's length once it has
+/// read the frame header, so large frames still arrive in one read.
+const READ_BUFFER_BYTES: usize = 512;
 
 /// Reads from the shared socket for tungstenite; routes its writes (pongs, close replies)
 /// into the connection's ordered outbound path.

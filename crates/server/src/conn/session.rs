@@ -364,6 +364,13 @@ impl Session {
         } else if ns.protected || !ns.allow_subscribe_for_client {
             return Err(reply_err(codes::ERROR_PERMISSION_DENIED));
         }
+        if let Some(owner) = self.node.owner(&channel) {
+            let user = self.user.as_deref().unwrap_or("");
+            owner
+                .can_subscribe(user, &channel)
+                .await
+                .map_err(reply_err)?;
+        }
         let recover = req
             .recover
             .then(|| (req.offset, req.epoch.as_deref().unwrap_or("").to_string()));
@@ -411,7 +418,7 @@ impl Session {
         }
         let mut result = SubscribeResult::default();
         let mut after = 0;
-        if ns.history_size > 0 {
+        if ns.history_size > 0 || self.node.owner(channel).is_some() {
             let read = self.read_position(channel, recover.as_ref()).await;
             let (page_pubs, position, recovered) = match read {
                 Ok(v) => v,
@@ -462,14 +469,13 @@ impl Session {
         channel: &str,
         recover: Option<&(u64, String)>,
     ) -> Result<(Vec<Arc<proto::Publication>>, StreamPosition, bool), BrokerError> {
-        let broker = &self.node.hub.broker;
         let top_only = HistoryFilter {
             since: None,
             limit: Some(0),
             reverse: false,
         };
         let Some((offset, epoch)) = recover else {
-            let page = broker.history(channel, &top_only).await?;
+            let page = self.stream_history(channel, &top_only).await?;
             return Ok((Vec::new(), page.position, false));
         };
         let max = self.node.config.client.recovery_max_publications;
@@ -482,7 +488,7 @@ impl Session {
             limit: Some(max + 1),
             reverse: false,
         };
-        match broker.history(channel, &filter).await {
+        match self.stream_history(channel, &filter).await {
             Ok(page) => {
                 let contiguous = match page.publications.first() {
                     Some(first) => first.offset == offset + 1,
@@ -494,10 +500,22 @@ impl Session {
                 Ok((pubs, page.position, ok))
             }
             Err(BrokerError::UnrecoverablePosition) => {
-                let page = broker.history(channel, &top_only).await?;
+                let page = self.stream_history(channel, &top_only).await?;
                 Ok((Vec::new(), page.position, false))
             }
             Err(e) => Err(e),
+        }
+    }
+
+    /// A channel's stream: its owner's durable one, or the broker's.
+    async fn stream_history(
+        &self,
+        channel: &str,
+        filter: &HistoryFilter,
+    ) -> Result<switchboard_hub::HistoryPage, BrokerError> {
+        match self.node.owner(channel) {
+            Some(owner) => owner.history(channel, filter).await,
+            None => self.node.hub.broker.history(channel, filter).await,
         }
     }
 
@@ -534,6 +552,15 @@ impl Session {
             && (ns.allow_publish_for_client || (ns.allow_publish_for_subscriber && subscribed));
         if !allowed {
             return Err(reply_err(codes::ERROR_PERMISSION_DENIED));
+        }
+        if let Some(owner) = self.node.owner(channel) {
+            let ctx = RpcContext {
+                user: self.user.as_deref().unwrap_or(""),
+                client: &self.conn.id,
+            };
+            owner.publish(ctx, channel, data).await.map_err(reply_err)?;
+            self.reply(id, "publish", &serde_json::json!({}));
+            return Ok(());
         }
         let info = self.subs.get(channel).and_then(|s| s.chan_info.clone());
         let opts = publish_options(&ns);
@@ -626,7 +653,7 @@ impl Session {
     async fn history(&mut self, id: u32, req: proto::HistoryRequest<'_>) -> Outcome {
         let channel = req.channel.as_ref();
         let ns = self.namespace(channel).map_err(reply_err)?;
-        if ns.history_size == 0 {
+        if ns.history_size == 0 && self.node.owner(channel).is_none() {
             return Err(reply_err(codes::ERROR_NOT_AVAILABLE));
         }
         if !self.read_allowed(
@@ -637,7 +664,7 @@ impl Session {
             return Err(reply_err(codes::ERROR_PERMISSION_DENIED));
         }
         let filter = history_filter(req.limit, req.since, req.reverse);
-        match self.node.hub.broker.history(channel, &filter).await {
+        match self.stream_history(channel, &filter).await {
             Ok(page) => {
                 let result = HistoryResult {
                     publications: page.publications,
