@@ -1,0 +1,293 @@
+//! The records the store holds and the inputs that create them. Plain data: no I/O.
+//!
+//! Times are milliseconds since the Unix epoch (`i64`). Ids are `i64`, assigned by the
+//! database and never reused. A room's stream position is called `offset` here (it is the
+//! Centrifugo publication offset of channel `chat:{room_id}`) and `seq` in SQL.
+
+use serde::{Deserialize, Serialize};
+
+use crate::StoreError;
+
+/// Milliseconds since the Unix epoch, the unit of every time the store keeps.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Declares a closed set of names stored as TEXT (with a CHECK constraint in the schema),
+/// with conversions both ways and serde in lower case.
+macro_rules! text_enum {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[serde(rename_all = "lowercase")]
+        pub enum $name { $($(#[$vmeta])* $variant),+ }
+
+        impl $name {
+            /// The name as stored and as sent on the wire.
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = StoreError;
+            fn from_str(s: &str) -> Result<Self, StoreError> {
+                match s {
+                    $($text => Ok($name::$variant),)+
+                    other => Err(StoreError::Invalid(format!(
+                        concat!("unknown ", stringify!($name), " {:?}"), other
+                    ))),
+                }
+            }
+        }
+    };
+}
+
+text_enum! {
+    /// A user's global role.
+    UserRole { User = "user", Admin = "admin" }
+}
+
+text_enum! {
+    /// Who may find and join a room. `Direct` rooms have exactly two members.
+    RoomKind { Public = "public", Private = "private", Direct = "direct" }
+}
+
+text_enum! {
+    /// A member's role in one room.
+    MemberRole { Owner = "owner", Moderator = "moderator", Member = "member" }
+}
+
+text_enum! {
+    /// What a room event records. Every kind takes the room's next offset.
+    EventKind {
+        /// A new message (written by [`crate::Store::append_messages`] only).
+        Message = "message",
+        /// The author changed the text; the event's data holds the new `text`.
+        Edit = "edit",
+        /// The author (or a moderator) deleted the message.
+        Delete = "delete",
+        /// Moderation removed the message.
+        Removed = "removed",
+        /// Moderation restored a removed message.
+        Restored = "restored",
+    }
+}
+
+/// Which database a store runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    pub id: i64,
+    pub username: String,
+    /// Never serialized, so a `User` can be returned by an API as it is.
+    #[serde(skip_serializing, default)]
+    pub password_hash: String,
+    pub display_name: String,
+    pub role: UserRole,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewUser {
+    pub username: String,
+    /// The argon2id PHC string. Accounts that never log in with a password (site users
+    /// whose tokens are minted by their app) may store an unusable value such as `""`.
+    pub password_hash: String,
+    pub display_name: String,
+    pub role: UserRole,
+}
+
+/// The fields of a user to change; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct UserUpdate {
+    pub display_name: Option<String>,
+    pub password_hash: Option<String>,
+    pub role: Option<UserRole>,
+}
+
+/// A refresh token, known to the store only by its hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefreshToken {
+    pub token_hash: String,
+    pub user_id: i64,
+    pub expires_at: i64,
+    pub revoked: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Room {
+    pub id: i64,
+    pub kind: RoomKind,
+    pub name: String,
+    pub created_by: i64,
+    pub created_at: i64,
+    /// Random at creation, never changed: the stream's history is never lost.
+    pub epoch: String,
+    /// The offset of the newest event; 0 for an empty room.
+    pub last_offset: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewRoom {
+    pub kind: RoomKind,
+    pub name: String,
+    /// Becomes the room's first member, with role `owner`.
+    pub created_by: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub room_id: i64,
+    pub user_id: i64,
+    pub role: MemberRole,
+    /// Sends are refused until this time (enforced by the caller).
+    pub muted_until: Option<i64>,
+    /// The newest offset the member has read; starts at the room's offset when joining.
+    pub last_read_offset: i64,
+    pub joined_at: i64,
+}
+
+/// One entry of [`crate::Store::rooms_for_user`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomSummary {
+    pub room: Room,
+    pub member: Member,
+    /// `room.last_offset - member.last_read_offset`: edits and deletes count too, since
+    /// they are events in the room's stream.
+    pub unread: i64,
+    /// The newest message that is neither deleted nor removed.
+    pub last_message: Option<Message>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    pub id: i64,
+    pub room_id: i64,
+    pub offset: i64,
+    pub user_id: i64,
+    pub client_msg_id: Option<String>,
+    /// Kept after delete and removal (moderators may restore); callers hide it.
+    pub text: String,
+    pub reply_to: Option<i64>,
+    pub created_at: i64,
+    pub edited_at: Option<i64>,
+    pub deleted: bool,
+    pub removed: bool,
+}
+
+/// A message to append. Validation of content (non-empty, length, membership, mute) is the
+/// caller's; the store refuses only what it cannot store faithfully (NUL characters) and
+/// references that do not resolve.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub room_id: i64,
+    pub user_id: i64,
+    /// The sender's idempotency key, unique per user across all rooms.
+    pub client_msg_id: Option<String>,
+    pub text: String,
+    pub reply_to: Option<i64>,
+}
+
+/// The outcome of appending one message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppendedMessage {
+    pub message: Message,
+    /// True when `(user_id, client_msg_id)` was already stored (or came earlier in the same
+    /// batch): `message` is the original, and no offset was taken.
+    pub duplicate: bool,
+}
+
+/// An edit, delete, removal or restore. It changes the message and takes the room's next
+/// offset in one transaction.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub room_id: i64,
+    pub message_id: i64,
+    /// Who acted (the author, a moderator, an admin, or the moderation pipeline's user).
+    pub user_id: i64,
+    pub kind: EventKind,
+    /// The new text; required for `Edit`, ignored otherwise.
+    pub text: Option<String>,
+    /// Extra detail stored with the event (e.g. `{"reason": "profanity"}`); `Null` for none.
+    pub data: serde_json::Value,
+}
+
+/// One entry of a room's durable stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomEvent {
+    pub room_id: i64,
+    pub offset: i64,
+    pub kind: EventKind,
+    pub message_id: i64,
+    /// The author for `message`, the actor otherwise.
+    pub user_id: i64,
+    /// `{}` for `message`; `{"text": ...}` plus the caller's detail for `edit`; the caller's
+    /// detail (an object, `{}` if none) for the others.
+    pub data: serde_json::Value,
+    pub created_at: i64,
+    /// The message as it is now (so a recovered `message` event of a since-removed message
+    /// already says `removed`). `None` only if the message row is gone.
+    pub message: Option<Message>,
+}
+
+/// Where a room's stream stands: what a subscribe reply and a recovery check need.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamPosition {
+    pub offset: i64,
+    pub epoch: String,
+}
+
+/// A page of a room's messages, always returned oldest first. With neither bound, the
+/// newest `limit` messages; with `after`, the oldest `limit` above it; with only `before`,
+/// the newest `limit` below it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MessagePage {
+    pub before: Option<i64>,
+    pub after: Option<i64>,
+    pub limit: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewAudit {
+    pub actor_user_id: Option<i64>,
+    /// A short stable name: `login`, `login_failed`, `role_change`, `message_removed`, ...
+    pub action: String,
+    /// What was acted on, e.g. `user:42` or `room:7`.
+    pub target: String,
+    pub detail: serde_json::Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub id: i64,
+    pub at: i64,
+    pub actor_user_id: Option<i64>,
+    pub action: String,
+    pub target: String,
+    pub detail: serde_json::Value,
+}

@@ -1,0 +1,971 @@
+//! The SQL both backends share, written once.
+//!
+//! SQLite and PostgreSQL accept the same text for everything except the bulk paths of
+//! `append_messages`: `$N` placeholders, `RETURNING`, `ON CONFLICT DO NOTHING`, `TRUE`/`FALSE`,
+//! `CASE`, `COALESCE`. So the `Store` implementation is generated per backend by
+//! [`sql_store!`], which expands the same method bodies against each backend's pool and
+//! row types. A backend module provides `self.reader` / `self.writer` pools, `begin_write`,
+//! `append_batch` and `backend`; everything else is here.
+//!
+//! Rows are decoded by column position, in the order of the `*_cols!` lists below.
+
+/// Column lists, optionally prefixed with a table alias (`"m."`). Decoders read them by
+/// position, so the order here is the contract.
+macro_rules! user_cols {
+    ($p:literal) => {
+        concat!(
+            $p,
+            "id, ",
+            $p,
+            "username, ",
+            $p,
+            "password_hash, ",
+            $p,
+            "display_name, ",
+            $p,
+            "role, ",
+            $p,
+            "created_at"
+        )
+    };
+}
+macro_rules! room_cols {
+    ($p:literal) => {
+        concat!(
+            $p,
+            "id, ",
+            $p,
+            "kind, ",
+            $p,
+            "name, ",
+            $p,
+            "created_by, ",
+            $p,
+            "created_at, ",
+            $p,
+            "epoch, ",
+            $p,
+            "last_offset"
+        )
+    };
+}
+macro_rules! member_cols {
+    ($p:literal) => {
+        concat!(
+            $p,
+            "room_id, ",
+            $p,
+            "user_id, ",
+            $p,
+            "role, ",
+            $p,
+            "muted_until, ",
+            $p,
+            "last_read_offset, ",
+            $p,
+            "joined_at"
+        )
+    };
+}
+macro_rules! msg_cols {
+    ($p:literal) => {
+        concat!(
+            $p,
+            "id, ",
+            $p,
+            "room_id, ",
+            $p,
+            "seq, ",
+            $p,
+            "user_id, ",
+            $p,
+            "client_msg_id, ",
+            $p,
+            "text, ",
+            $p,
+            "reply_to, ",
+            $p,
+            "created_at, ",
+            $p,
+            "edited_at, ",
+            $p,
+            "deleted, ",
+            $p,
+            "removed"
+        )
+    };
+}
+macro_rules! event_cols {
+    () => {
+        concat!(
+            "e.room_id, e.seq, e.kind, e.message_id, e.user_id, e.data, e.created_at, ",
+            msg_cols!("m.")
+        )
+    };
+}
+pub(crate) const ROOM_WIDTH: usize = 7;
+pub(crate) const MEMBER_WIDTH: usize = 6;
+pub(crate) const EVENT_WIDTH: usize = 7;
+
+pub(crate) use {event_cols, member_cols, msg_cols, room_cols, user_cols};
+
+/// Parses a stored enum or JSON value; a failure means the database holds something the
+/// schema's CHECK constraints should have kept out.
+pub(crate) fn parse_stored<T: std::str::FromStr>(s: &str) -> Result<T, crate::StoreError> {
+    s.parse()
+        .map_err(|_| crate::StoreError::other(format!("unexpected stored value {s:?}")))
+}
+
+pub(crate) fn parse_json(s: &str) -> Result<serde_json::Value, crate::StoreError> {
+    serde_json::from_str(s)
+        .map_err(|e| crate::StoreError::other(format!("stored JSON does not parse: {e}")))
+}
+
+/// PostgreSQL cannot store NUL in TEXT; refusing it on both backends keeps them alike.
+pub(crate) fn check_text(field: &str, s: &str) -> Result<(), crate::StoreError> {
+    if s.contains('\0') {
+        return Err(crate::StoreError::Invalid(format!(
+            "{field} contains a NUL character"
+        )));
+    }
+    Ok(())
+}
+
+/// Effective page size: at most [`crate::MAX_PAGE`].
+pub(crate) fn page(limit: u32) -> i64 {
+    i64::from(limit.min(crate::MAX_PAGE))
+}
+
+/// The stored `data` of an edit or moderation event: the caller's detail as an object, with
+/// the new text for an edit.
+pub(crate) fn event_data(
+    kind: crate::EventKind,
+    text: Option<&str>,
+    detail: serde_json::Value,
+) -> serde_json::Value {
+    let mut obj = match detail {
+        serde_json::Value::Object(map) => map,
+        serde_json::Value::Null => serde_json::Map::new(),
+        other => {
+            let mut map = serde_json::Map::new();
+            map.insert("detail".into(), other);
+            map
+        }
+    };
+    if let (crate::EventKind::Edit, Some(t)) = (kind, text) {
+        obj.insert("text".into(), serde_json::Value::String(t.to_owned()));
+    }
+    serde_json::Value::Object(obj)
+}
+
+/// Generates the row decoders and the `Store` impl for one backend.
+/// `$store`: the backend struct; `$row`: its row type.
+macro_rules! sql_store {
+    ($store:ty, $row:ty) => {
+        use sqlx::Row as _;
+        use $crate::error::db_err;
+        use $crate::model::*;
+        use $crate::shared::{
+            check_text, event_cols, member_cols, msg_cols, page, parse_json, parse_stored, room_cols,
+            user_cols, EVENT_WIDTH, MEMBER_WIDTH, ROOM_WIDTH,
+        };
+        use $crate::StoreError;
+
+        fn get<'r, T>(row: &'r $row, i: usize) -> Result<T, StoreError>
+        where
+            T: sqlx::Decode<'r, <$row as sqlx::Row>::Database>
+                + sqlx::Type<<$row as sqlx::Row>::Database>,
+        {
+            row.try_get(i).map_err(db_err)
+        }
+
+        fn user_at(row: &$row, i: usize) -> Result<User, StoreError> {
+            Ok(User {
+                id: get(row, i)?,
+                username: get(row, i + 1)?,
+                password_hash: get(row, i + 2)?,
+                display_name: get(row, i + 3)?,
+                role: parse_stored(get::<&str>(row, i + 4)?)?,
+                created_at: get(row, i + 5)?,
+            })
+        }
+
+        fn room_at(row: &$row, i: usize) -> Result<Room, StoreError> {
+            Ok(Room {
+                id: get(row, i)?,
+                kind: parse_stored(get::<&str>(row, i + 1)?)?,
+                name: get(row, i + 2)?,
+                created_by: get(row, i + 3)?,
+                created_at: get(row, i + 4)?,
+                epoch: get(row, i + 5)?,
+                last_offset: get(row, i + 6)?,
+            })
+        }
+
+        fn member_at(row: &$row, i: usize) -> Result<Member, StoreError> {
+            Ok(Member {
+                room_id: get(row, i)?,
+                user_id: get(row, i + 1)?,
+                role: parse_stored(get::<&str>(row, i + 2)?)?,
+                muted_until: get(row, i + 3)?,
+                last_read_offset: get(row, i + 4)?,
+                joined_at: get(row, i + 5)?,
+            })
+        }
+
+        fn message_at(row: &$row, i: usize) -> Result<Message, StoreError> {
+            Ok(Message {
+                id: get(row, i)?,
+                room_id: get(row, i + 1)?,
+                offset: get(row, i + 2)?,
+                user_id: get(row, i + 3)?,
+                client_msg_id: get(row, i + 4)?,
+                text: get(row, i + 5)?,
+                reply_to: get(row, i + 6)?,
+                created_at: get(row, i + 7)?,
+                edited_at: get(row, i + 8)?,
+                deleted: get(row, i + 9)?,
+                removed: get(row, i + 10)?,
+            })
+        }
+
+        /// A message from a LEFT JOIN: absent when its id column is NULL.
+        fn opt_message_at(row: &$row, i: usize) -> Result<Option<Message>, StoreError> {
+            match get::<Option<i64>>(row, i)? {
+                Some(_) => message_at(row, i).map(Some),
+                None => Ok(None),
+            }
+        }
+
+        fn event_at(row: &$row) -> Result<RoomEvent, StoreError> {
+            Ok(RoomEvent {
+                room_id: get(row, 0)?,
+                offset: get(row, 1)?,
+                kind: parse_stored(get::<&str>(row, 2)?)?,
+                message_id: get(row, 3)?,
+                user_id: get(row, 4)?,
+                data: parse_json(get::<&str>(row, 5)?)?,
+                created_at: get(row, 6)?,
+                message: opt_message_at(row, EVENT_WIDTH)?,
+            })
+        }
+
+        fn audit_at(row: &$row) -> Result<AuditEntry, StoreError> {
+            Ok(AuditEntry {
+                id: get(row, 0)?,
+                at: get(row, 1)?,
+                actor_user_id: get(row, 2)?,
+                action: get(row, 3)?,
+                target: get(row, 4)?,
+                detail: parse_json(get::<&str>(row, 5)?)?,
+            })
+        }
+
+        /// Replaces the generic text of a unique violation with the caller's.
+        fn conflict(e: sqlx::Error, what: &str) -> StoreError {
+            match db_err(e) {
+                StoreError::Conflict(_) => StoreError::Conflict(what.to_owned()),
+                other => other,
+            }
+        }
+
+        #[async_trait::async_trait]
+        impl $crate::Store for $store {
+            fn backend(&self) -> Backend {
+                Self::BACKEND
+            }
+
+            async fn ping(&self) -> Result<(), StoreError> {
+                sqlx::query("SELECT 1")
+                    .execute(&self.reader)
+                    .await
+                    .map_err(db_err)?;
+                Ok(())
+            }
+
+            async fn close(&self) {
+                self.writer.close().await;
+                self.reader.close().await;
+            }
+
+            async fn create_user(&self, user: NewUser) -> Result<User, StoreError> {
+                check_text("username", &user.username)?;
+                check_text("password_hash", &user.password_hash)?;
+                check_text("display_name", &user.display_name)?;
+                let created_at = now_ms();
+                let id: i64 = sqlx::query_scalar(
+                    "INSERT INTO users (username, password_hash, display_name, role, created_at) \
+                     VALUES ($1, $2, $3, $4, $5) RETURNING id",
+                )
+                .bind(&user.username)
+                .bind(&user.password_hash)
+                .bind(&user.display_name)
+                .bind(user.role.as_str())
+                .bind(created_at)
+                .fetch_one(&self.writer)
+                .await
+                .map_err(|e| conflict(e, "username is taken"))?;
+                Ok(User {
+                    id,
+                    username: user.username,
+                    password_hash: user.password_hash,
+                    display_name: user.display_name,
+                    role: user.role,
+                    created_at,
+                })
+            }
+
+            async fn user_by_id(&self, id: i64) -> Result<Option<User>, StoreError> {
+                let row = sqlx::query(concat!("SELECT ", user_cols!(""), " FROM users WHERE id = $1"))
+                    .bind(id)
+                    .fetch_optional(&self.reader)
+                    .await
+                    .map_err(db_err)?;
+                row.map(|r| user_at(&r, 0)).transpose()
+            }
+
+            async fn user_by_username(&self, username: &str) -> Result<Option<User>, StoreError> {
+                if check_text("username", username).is_err() {
+                    return Ok(None);
+                }
+                let row = sqlx::query(concat!(
+                    "SELECT ", user_cols!(""), " FROM users WHERE username = $1"
+                ))
+                .bind(username)
+                .fetch_optional(&self.reader)
+                .await
+                .map_err(db_err)?;
+                row.map(|r| user_at(&r, 0)).transpose()
+            }
+
+            async fn update_user(&self, id: i64, update: UserUpdate) -> Result<User, StoreError> {
+                for (field, value) in [
+                    ("display_name", &update.display_name),
+                    ("password_hash", &update.password_hash),
+                ] {
+                    if let Some(v) = value {
+                        check_text(field, v)?;
+                    }
+                }
+                let row = sqlx::query(concat!(
+                    "UPDATE users SET display_name = COALESCE($2, display_name), \
+                     password_hash = COALESCE($3, password_hash), role = COALESCE($4, role) \
+                     WHERE id = $1 RETURNING ", user_cols!("")
+                ))
+                .bind(id)
+                .bind(update.display_name)
+                .bind(update.password_hash)
+                .bind(update.role.map(UserRole::as_str))
+                .fetch_optional(&self.writer)
+                .await
+                .map_err(db_err)?;
+                user_at(&row.ok_or(StoreError::NotFound)?, 0)
+            }
+
+            async fn store_refresh_token(&self, token: RefreshToken) -> Result<(), StoreError> {
+                check_text("token_hash", &token.token_hash)?;
+                sqlx::query(
+                    "INSERT INTO refresh_tokens (token_hash, user_id, expires_at, revoked) \
+                     VALUES ($1, $2, $3, $4)",
+                )
+                .bind(&token.token_hash)
+                .bind(token.user_id)
+                .bind(token.expires_at)
+                .bind(token.revoked)
+                .execute(&self.writer)
+                .await
+                .map_err(|e| conflict(e, "refresh token already stored"))?;
+                Ok(())
+            }
+
+            async fn find_refresh_token(
+                &self,
+                token_hash: &str,
+            ) -> Result<Option<RefreshToken>, StoreError> {
+                if check_text("token_hash", token_hash).is_err() {
+                    return Ok(None);
+                }
+                let row = sqlx::query(
+                    "SELECT token_hash, user_id, expires_at, revoked FROM refresh_tokens \
+                     WHERE token_hash = $1",
+                )
+                .bind(token_hash)
+                .fetch_optional(&self.reader)
+                .await
+                .map_err(db_err)?;
+                row.map(|r| {
+                    Ok(RefreshToken {
+                        token_hash: get(&r, 0)?,
+                        user_id: get(&r, 1)?,
+                        expires_at: get(&r, 2)?,
+                        revoked: get(&r, 3)?,
+                    })
+                })
+                .transpose()
+            }
+
+            async fn revoke_refresh_token(&self, token_hash: &str) -> Result<bool, StoreError> {
+                if check_text("token_hash", token_hash).is_err() {
+                    return Ok(false);
+                }
+                let done = sqlx::query(
+                    "UPDATE refresh_tokens SET revoked = TRUE \
+                     WHERE token_hash = $1 AND revoked = FALSE",
+                )
+                .bind(token_hash)
+                .execute(&self.writer)
+                .await
+                .map_err(db_err)?;
+                Ok(done.rows_affected() > 0)
+            }
+
+            async fn revoke_user_refresh_tokens(&self, user_id: i64) -> Result<u64, StoreError> {
+                let done = sqlx::query(
+                    "UPDATE refresh_tokens SET revoked = TRUE WHERE user_id = $1 AND revoked = FALSE",
+                )
+                .bind(user_id)
+                .execute(&self.writer)
+                .await
+                .map_err(db_err)?;
+                Ok(done.rows_affected())
+            }
+
+            async fn purge_expired_refresh_tokens(&self, now: i64) -> Result<u64, StoreError> {
+                let done = sqlx::query("DELETE FROM refresh_tokens WHERE expires_at < $1")
+                    .bind(now)
+                    .execute(&self.writer)
+                    .await
+                    .map_err(db_err)?;
+                Ok(done.rows_affected())
+            }
+
+            async fn create_room(&self, room: NewRoom) -> Result<Room, StoreError> {
+                check_text("name", &room.name)?;
+                let created_at = now_ms();
+                let epoch = format!("{:016x}", rand::random::<u64>());
+                let mut tx = self.begin_write().await?;
+                let id: i64 = sqlx::query_scalar(
+                    "INSERT INTO rooms (kind, name, created_by, created_at, epoch, last_offset) \
+                     VALUES ($1, $2, $3, $4, $5, 0) RETURNING id",
+                )
+                .bind(room.kind.as_str())
+                .bind(&room.name)
+                .bind(room.created_by)
+                .bind(created_at)
+                .bind(&epoch)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db_err)?;
+                sqlx::query(
+                    "INSERT INTO room_members (room_id, user_id, role, last_read_offset, joined_at) \
+                     VALUES ($1, $2, 'owner', 0, $3)",
+                )
+                .bind(id)
+                .bind(room.created_by)
+                .bind(created_at)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+                tx.commit().await.map_err(db_err)?;
+                Ok(Room {
+                    id,
+                    kind: room.kind,
+                    name: room.name,
+                    created_by: room.created_by,
+                    created_at,
+                    epoch,
+                    last_offset: 0,
+                })
+            }
+
+            async fn room(&self, id: i64) -> Result<Option<Room>, StoreError> {
+                let row = sqlx::query(concat!("SELECT ", room_cols!(""), " FROM rooms WHERE id = $1"))
+                    .bind(id)
+                    .fetch_optional(&self.reader)
+                    .await
+                    .map_err(db_err)?;
+                row.map(|r| room_at(&r, 0)).transpose()
+            }
+
+            async fn delete_room(&self, id: i64) -> Result<(), StoreError> {
+                // The room row first: its lock waits out appends in flight, and appends
+                // that come later find no room. messages and room_events have no foreign
+                // keys (see the migration), so they are deleted here; members cascade.
+                let mut tx = self.begin_write().await?;
+                let done = sqlx::query("DELETE FROM rooms WHERE id = $1")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+                if done.rows_affected() == 0 {
+                    return Err(StoreError::NotFound);
+                }
+                sqlx::query("DELETE FROM room_events WHERE room_id = $1")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+                sqlx::query("DELETE FROM messages WHERE room_id = $1")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+                tx.commit().await.map_err(db_err)?;
+                Ok(())
+            }
+
+            async fn public_rooms(&self, after_id: i64, limit: u32) -> Result<Vec<Room>, StoreError> {
+                let rows = sqlx::query(concat!(
+                    "SELECT ", room_cols!(""), " FROM rooms \
+                     WHERE kind = 'public' AND id > $1 ORDER BY id LIMIT $2"
+                ))
+                .bind(after_id)
+                .bind(page(limit))
+                .fetch_all(&self.reader)
+                .await
+                .map_err(db_err)?;
+                rows.iter().map(|r| room_at(r, 0)).collect()
+            }
+
+            async fn direct_room(&self, user_a: i64, user_b: i64) -> Result<Option<Room>, StoreError> {
+                let row = sqlx::query(concat!(
+                    "SELECT ", room_cols!("r."), " FROM rooms r \
+                     JOIN room_members a ON a.room_id = r.id AND a.user_id = $1 \
+                     JOIN room_members b ON b.room_id = r.id AND b.user_id = $2 \
+                     WHERE r.kind = 'direct' ORDER BY r.id LIMIT 1"
+                ))
+                .bind(user_a)
+                .bind(user_b)
+                .fetch_optional(&self.reader)
+                .await
+                .map_err(db_err)?;
+                row.map(|r| room_at(&r, 0)).transpose()
+            }
+
+            async fn rooms_for_user(&self, user_id: i64) -> Result<Vec<RoomSummary>, StoreError> {
+                // The last visible message is found through the (room_id, seq) index,
+                // scanning back from the newest.
+                let rows = sqlx::query(concat!(
+                    "SELECT ", room_cols!("r."), ", ", member_cols!("rm."), ", ", msg_cols!("m."),
+                    " FROM room_members rm JOIN rooms r ON r.id = rm.room_id \
+                     LEFT JOIN messages m ON m.room_id = r.id AND m.seq = ( \
+                         SELECT m2.seq FROM messages m2 \
+                         WHERE m2.room_id = r.id AND m2.deleted = FALSE AND m2.removed = FALSE \
+                         ORDER BY m2.seq DESC LIMIT 1) \
+                     WHERE rm.user_id = $1 \
+                     ORDER BY COALESCE(m.created_at, r.created_at) DESC, r.id DESC"
+                ))
+                .bind(user_id)
+                .fetch_all(&self.reader)
+                .await
+                .map_err(db_err)?;
+                rows.iter()
+                    .map(|r| {
+                        let room = room_at(r, 0)?;
+                        let member = member_at(r, ROOM_WIDTH)?;
+                        Ok(RoomSummary {
+                            unread: (room.last_offset - member.last_read_offset).max(0),
+                            last_message: opt_message_at(r, ROOM_WIDTH + MEMBER_WIDTH)?,
+                            room,
+                            member,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn add_member(
+                &self,
+                room_id: i64,
+                user_id: i64,
+                role: MemberRole,
+            ) -> Result<Member, StoreError> {
+                let row = sqlx::query(concat!(
+                    "INSERT INTO room_members (room_id, user_id, role, last_read_offset, joined_at) \
+                     SELECT id, $2, $3, last_offset, $4 FROM rooms WHERE id = $1 \
+                     ON CONFLICT (room_id, user_id) DO NOTHING RETURNING ", member_cols!("")
+                ))
+                .bind(room_id)
+                .bind(user_id)
+                .bind(role.as_str())
+                .bind(now_ms())
+                .fetch_optional(&self.writer)
+                .await
+                .map_err(db_err)?;
+                match row {
+                    Some(r) => member_at(&r, 0),
+                    None => match self.room(room_id).await? {
+                        None => Err(StoreError::NotFound),
+                        Some(_) => Err(StoreError::Conflict("already a member".into())),
+                    },
+                }
+            }
+
+            async fn remove_member(&self, room_id: i64, user_id: i64) -> Result<(), StoreError> {
+                let done = sqlx::query("DELETE FROM room_members WHERE room_id = $1 AND user_id = $2")
+                    .bind(room_id)
+                    .bind(user_id)
+                    .execute(&self.writer)
+                    .await
+                    .map_err(db_err)?;
+                if done.rows_affected() == 0 {
+                    return Err(StoreError::NotFound);
+                }
+                Ok(())
+            }
+
+            async fn member(&self, room_id: i64, user_id: i64) -> Result<Option<Member>, StoreError> {
+                let row = sqlx::query(concat!(
+                    "SELECT ", member_cols!(""), " FROM room_members WHERE room_id = $1 AND user_id = $2"
+                ))
+                .bind(room_id)
+                .bind(user_id)
+                .fetch_optional(&self.reader)
+                .await
+                .map_err(db_err)?;
+                row.map(|r| member_at(&r, 0)).transpose()
+            }
+
+            async fn members(&self, room_id: i64) -> Result<Vec<Member>, StoreError> {
+                let rows = sqlx::query(concat!(
+                    "SELECT ", member_cols!(""), " FROM room_members WHERE room_id = $1 ORDER BY user_id"
+                ))
+                .bind(room_id)
+                .fetch_all(&self.reader)
+                .await
+                .map_err(db_err)?;
+                rows.iter().map(|r| member_at(r, 0)).collect()
+            }
+
+            async fn set_member_role(
+                &self,
+                room_id: i64,
+                user_id: i64,
+                role: MemberRole,
+            ) -> Result<Member, StoreError> {
+                let row = sqlx::query(concat!(
+                    "UPDATE room_members SET role = $3 WHERE room_id = $1 AND user_id = $2 RETURNING ",
+                    member_cols!("")
+                ))
+                .bind(room_id)
+                .bind(user_id)
+                .bind(role.as_str())
+                .fetch_optional(&self.writer)
+                .await
+                .map_err(db_err)?;
+                member_at(&row.ok_or(StoreError::NotFound)?, 0)
+            }
+
+            async fn set_member_muted(
+                &self,
+                room_id: i64,
+                user_id: i64,
+                muted_until: Option<i64>,
+            ) -> Result<Member, StoreError> {
+                let row = sqlx::query(concat!(
+                    "UPDATE room_members SET muted_until = $3 WHERE room_id = $1 AND user_id = $2 \
+                     RETURNING ", member_cols!("")
+                ))
+                .bind(room_id)
+                .bind(user_id)
+                .bind(muted_until)
+                .fetch_optional(&self.writer)
+                .await
+                .map_err(db_err)?;
+                member_at(&row.ok_or(StoreError::NotFound)?, 0)
+            }
+
+            async fn set_last_read(
+                &self,
+                room_id: i64,
+                user_id: i64,
+                offset: i64,
+            ) -> Result<i64, StoreError> {
+                // Forward only, and never past the room's last offset (so unread >= 0).
+                let moved: Option<i64> = sqlx::query_scalar(
+                    "UPDATE room_members SET last_read_offset = ( \
+                         SELECT CASE WHEN r.last_offset < $3 THEN r.last_offset ELSE $3 END \
+                         FROM rooms r WHERE r.id = $1) \
+                     WHERE room_id = $1 AND user_id = $2 AND last_read_offset < $3 \
+                     RETURNING last_read_offset",
+                )
+                .bind(room_id)
+                .bind(user_id)
+                .bind(offset)
+                .fetch_optional(&self.writer)
+                .await
+                .map_err(db_err)?;
+                match moved {
+                    Some(o) => Ok(o),
+                    None => self
+                        .member(room_id, user_id)
+                        .await?
+                        .map(|m| m.last_read_offset)
+                        .ok_or(StoreError::NotFound),
+                }
+            }
+
+            async fn append_messages(
+                &self,
+                batch: Vec<NewMessage>,
+            ) -> Vec<Result<AppendedMessage, StoreError>> {
+                if batch.is_empty() {
+                    return Vec::new();
+                }
+                let n = batch.len();
+                match self.append_batch(batch).await {
+                    Ok(results) => results,
+                    Err(e) => {
+                        tracing::warn!(error = %e, messages = n, "append batch failed");
+                        (0..n).map(|_| Err(e.replicate())).collect()
+                    }
+                }
+            }
+
+            async fn append_event(&self, event: NewEvent) -> Result<RoomEvent, StoreError> {
+                let text = match (event.kind, event.text.as_deref()) {
+                    (EventKind::Message, _) => {
+                        return Err(StoreError::Invalid(
+                            "messages are appended with append_messages".into(),
+                        ))
+                    }
+                    (EventKind::Edit, None) => {
+                        return Err(StoreError::Invalid("an edit needs the new text".into()))
+                    }
+                    (EventKind::Edit, Some(t)) => {
+                        check_text("text", t)?;
+                        Some(t)
+                    }
+                    _ => None,
+                };
+                let data = $crate::shared::event_data(event.kind, text, event.data);
+                let created_at = now_ms();
+                let mut tx = self.begin_write().await?;
+                // The room's row first, as in append_messages: one lock order everywhere.
+                let offset: Option<i64> = sqlx::query_scalar(
+                    "UPDATE rooms SET last_offset = last_offset + 1 WHERE id = $1 RETURNING last_offset",
+                )
+                .bind(event.room_id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_err)?;
+                let Some(offset) = offset else {
+                    return Err(StoreError::NotFound);
+                };
+                let update = match event.kind {
+                    EventKind::Edit => sqlx::query(concat!(
+                        "UPDATE messages SET text = $3, edited_at = $4 WHERE id = $1 AND room_id = $2 \
+                         AND deleted = FALSE AND removed = FALSE RETURNING ", msg_cols!("")
+                    ))
+                    .bind(event.message_id)
+                    .bind(event.room_id)
+                    .bind(text)
+                    .bind(created_at),
+                    EventKind::Delete => sqlx::query(concat!(
+                        "UPDATE messages SET deleted = TRUE WHERE id = $1 AND room_id = $2 \
+                         AND deleted = FALSE RETURNING ", msg_cols!("")
+                    ))
+                    .bind(event.message_id)
+                    .bind(event.room_id),
+                    EventKind::Removed => sqlx::query(concat!(
+                        "UPDATE messages SET removed = TRUE WHERE id = $1 AND room_id = $2 \
+                         AND removed = FALSE RETURNING ", msg_cols!("")
+                    ))
+                    .bind(event.message_id)
+                    .bind(event.room_id),
+                    EventKind::Restored | EventKind::Message => sqlx::query(concat!(
+                        "UPDATE messages SET removed = FALSE WHERE id = $1 AND room_id = $2 \
+                         AND removed = TRUE RETURNING ", msg_cols!("")
+                    ))
+                    .bind(event.message_id)
+                    .bind(event.room_id),
+                };
+                let row = update.fetch_optional(&mut *tx).await.map_err(db_err)?;
+                let Some(row) = row else {
+                    // Dropping the transaction rolls back the offset taken above.
+                    drop(tx);
+                    return Err(match self.message(event.message_id).await? {
+                        Some(m) if m.room_id == event.room_id => StoreError::Conflict(format!(
+                            "cannot {} a message that is {}",
+                            event.kind,
+                            match (m.deleted, m.removed) {
+                                (true, _) => "deleted",
+                                (_, true) => "removed",
+                                _ => "visible",
+                            }
+                        )),
+                        _ => StoreError::NotFound,
+                    });
+                };
+                let message = message_at(&row, 0)?;
+                sqlx::query(
+                    "INSERT INTO room_events (room_id, seq, kind, message_id, user_id, data, created_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                )
+                .bind(event.room_id)
+                .bind(offset)
+                .bind(event.kind.as_str())
+                .bind(event.message_id)
+                .bind(event.user_id)
+                .bind(data.to_string())
+                .bind(created_at)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+                tx.commit().await.map_err(db_err)?;
+                Ok(RoomEvent {
+                    room_id: event.room_id,
+                    offset,
+                    kind: event.kind,
+                    message_id: event.message_id,
+                    user_id: event.user_id,
+                    data,
+                    created_at,
+                    message: Some(message),
+                })
+            }
+
+            async fn events(
+                &self,
+                room_id: i64,
+                after_offset: i64,
+                limit: u32,
+            ) -> Result<Vec<RoomEvent>, StoreError> {
+                let rows = sqlx::query(concat!(
+                    "SELECT ", event_cols!(), " FROM room_events e \
+                     LEFT JOIN messages m ON m.id = e.message_id \
+                     WHERE e.room_id = $1 AND e.seq > $2 ORDER BY e.seq LIMIT $3"
+                ))
+                .bind(room_id)
+                .bind(after_offset)
+                .bind(page(limit))
+                .fetch_all(&self.reader)
+                .await
+                .map_err(db_err)?;
+                rows.iter().map(event_at).collect()
+            }
+
+            async fn events_before(
+                &self,
+                room_id: i64,
+                before_offset: i64,
+                limit: u32,
+            ) -> Result<Vec<RoomEvent>, StoreError> {
+                let rows = sqlx::query(concat!(
+                    "SELECT ", event_cols!(), " FROM room_events e \
+                     LEFT JOIN messages m ON m.id = e.message_id \
+                     WHERE e.room_id = $1 AND e.seq < $2 ORDER BY e.seq DESC LIMIT $3"
+                ))
+                .bind(room_id)
+                .bind(before_offset)
+                .bind(page(limit))
+                .fetch_all(&self.reader)
+                .await
+                .map_err(db_err)?;
+                rows.iter().rev().map(event_at).collect()
+            }
+
+            async fn room_position(&self, room_id: i64) -> Result<StreamPosition, StoreError> {
+                let row = sqlx::query("SELECT last_offset, epoch FROM rooms WHERE id = $1")
+                    .bind(room_id)
+                    .fetch_optional(&self.reader)
+                    .await
+                    .map_err(db_err)?
+                    .ok_or(StoreError::NotFound)?;
+                Ok(StreamPosition {
+                    offset: get(&row, 0)?,
+                    epoch: get(&row, 1)?,
+                })
+            }
+
+            async fn message(&self, id: i64) -> Result<Option<Message>, StoreError> {
+                let row = sqlx::query(concat!("SELECT ", msg_cols!(""), " FROM messages WHERE id = $1"))
+                    .bind(id)
+                    .fetch_optional(&self.reader)
+                    .await
+                    .map_err(db_err)?;
+                row.map(|r| message_at(&r, 0)).transpose()
+            }
+
+            async fn messages(
+                &self,
+                room_id: i64,
+                page_req: MessagePage,
+            ) -> Result<Vec<Message>, StoreError> {
+                let limit = page(page_req.limit);
+                let rows = if let Some(after) = page_req.after {
+                    sqlx::query(concat!(
+                        "SELECT ", msg_cols!(""), " FROM messages WHERE room_id = $1 AND seq > $2 \
+                         AND ($3 IS NULL OR seq < $3) ORDER BY seq LIMIT $4"
+                    ))
+                    .bind(room_id)
+                    .bind(after)
+                    .bind(page_req.before)
+                    .bind(limit)
+                    .fetch_all(&self.reader)
+                    .await
+                } else {
+                    sqlx::query(concat!(
+                        "SELECT ", msg_cols!(""), " FROM messages WHERE room_id = $1 \
+                         AND ($2 IS NULL OR seq < $2) ORDER BY seq DESC LIMIT $3"
+                    ))
+                    .bind(room_id)
+                    .bind(page_req.before)
+                    .bind(limit)
+                    .fetch_all(&self.reader)
+                    .await
+                    .map(|mut rows| {
+                        rows.reverse();
+                        rows
+                    })
+                }
+                .map_err(db_err)?;
+                rows.iter().map(|r| message_at(r, 0)).collect()
+            }
+
+            async fn append_audit(&self, entry: NewAudit) -> Result<AuditEntry, StoreError> {
+                check_text("action", &entry.action)?;
+                check_text("target", &entry.target)?;
+                let at = now_ms();
+                let id: i64 = sqlx::query_scalar(
+                    "INSERT INTO audit_log (at, actor_user_id, action, target, detail) \
+                     VALUES ($1, $2, $3, $4, $5) RETURNING id",
+                )
+                .bind(at)
+                .bind(entry.actor_user_id)
+                .bind(&entry.action)
+                .bind(&entry.target)
+                .bind(entry.detail.to_string())
+                .fetch_one(&self.writer)
+                .await
+                .map_err(db_err)?;
+                Ok(AuditEntry {
+                    id,
+                    at,
+                    actor_user_id: entry.actor_user_id,
+                    action: entry.action,
+                    target: entry.target,
+                    detail: entry.detail,
+                })
+            }
+
+            async fn audit_log(
+                &self,
+                before_id: Option<i64>,
+                limit: u32,
+            ) -> Result<Vec<AuditEntry>, StoreError> {
+                let rows = sqlx::query(
+                    "SELECT id, at, actor_user_id, action, target, detail FROM audit_log \
+                     WHERE ($1 IS NULL OR id < $1) ORDER BY id DESC LIMIT $2",
+                )
+                .bind(before_id)
+                .bind(page(limit))
+                .fetch_all(&self.reader)
+                .await
+                .map_err(db_err)?;
+                rows.iter().map(audit_at).collect()
+            }
+        }
+    };
+}
+
+pub(crate) use sql_store;

@@ -1,0 +1,163 @@
+//! The `Store` trait: everything the rest of Switchboard may ask of durable storage.
+
+use async_trait::async_trait;
+
+use crate::model::*;
+use crate::StoreError;
+
+/// The largest page any listing returns, whatever `limit` asks for.
+pub const MAX_PAGE: u32 = 10_000;
+
+/// Durable storage for accounts, rooms, the rooms' message streams and the audit log.
+///
+/// Implemented over SQLite and PostgreSQL with identical behaviour (one test suite runs
+/// against both). Object safe: the server holds an `Arc<dyn Store>` chosen by [`crate::open`].
+///
+/// Every method either commits completely or changes nothing. A returned `Ok` means the
+/// change is committed (and, see the crate docs, durable). Reads see every write whose call
+/// has returned.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Which database this is.
+    fn backend(&self) -> Backend;
+
+    /// A cheap round trip, for readiness checks.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Closes the connection pools after in-flight calls finish. Later calls fail with
+    /// `Unavailable`.
+    async fn close(&self);
+
+    // ----- accounts -----
+
+    /// `Conflict` if the username is taken.
+    async fn create_user(&self, user: NewUser) -> Result<User, StoreError>;
+    async fn user_by_id(&self, id: i64) -> Result<Option<User>, StoreError>;
+    /// Exact, case-sensitive match: normalize usernames before storing and looking up.
+    async fn user_by_username(&self, username: &str) -> Result<Option<User>, StoreError>;
+    /// `NotFound` if there is no such user.
+    async fn update_user(&self, id: i64, update: UserUpdate) -> Result<User, StoreError>;
+
+    /// `Conflict` if the hash is already stored.
+    async fn store_refresh_token(&self, token: RefreshToken) -> Result<(), StoreError>;
+    /// Returns revoked and expired tokens too: the caller decides (and may treat the reuse
+    /// of a revoked token as theft).
+    async fn find_refresh_token(
+        &self,
+        token_hash: &str,
+    ) -> Result<Option<RefreshToken>, StoreError>;
+    /// True if the token existed and was not yet revoked.
+    async fn revoke_refresh_token(&self, token_hash: &str) -> Result<bool, StoreError>;
+    /// Revokes all of a user's tokens; returns how many were live.
+    async fn revoke_user_refresh_tokens(&self, user_id: i64) -> Result<u64, StoreError>;
+    /// Deletes tokens that expired before `now`; returns how many.
+    async fn purge_expired_refresh_tokens(&self, now: i64) -> Result<u64, StoreError>;
+
+    // ----- rooms and membership -----
+
+    /// Creates the room with a fresh random epoch, and its creator as `owner`, in one
+    /// transaction. `NotFound` if the creator does not exist.
+    async fn create_room(&self, room: NewRoom) -> Result<Room, StoreError>;
+    async fn room(&self, id: i64) -> Result<Option<Room>, StoreError>;
+    /// Deletes the room with its members, messages and events. `NotFound` if absent.
+    async fn delete_room(&self, id: i64) -> Result<(), StoreError>;
+    /// Public rooms by id, for browsing and joining: ids above `after_id`, ascending.
+    async fn public_rooms(&self, after_id: i64, limit: u32) -> Result<Vec<Room>, StoreError>;
+    /// A direct room whose members include both users, if one exists.
+    async fn direct_room(&self, user_a: i64, user_b: i64) -> Result<Option<Room>, StoreError>;
+    /// The user's rooms with unread counts and last messages, most recently active first.
+    async fn rooms_for_user(&self, user_id: i64) -> Result<Vec<RoomSummary>, StoreError>;
+
+    /// Adds a member whose read position starts at the room's current offset (history
+    /// before joining is not unread). `NotFound` if the room or user does not exist,
+    /// `Conflict` if already a member.
+    async fn add_member(
+        &self,
+        room_id: i64,
+        user_id: i64,
+        role: MemberRole,
+    ) -> Result<Member, StoreError>;
+    /// `NotFound` if not a member.
+    async fn remove_member(&self, room_id: i64, user_id: i64) -> Result<(), StoreError>;
+    async fn member(&self, room_id: i64, user_id: i64) -> Result<Option<Member>, StoreError>;
+    /// All members of a room, by user id.
+    async fn members(&self, room_id: i64) -> Result<Vec<Member>, StoreError>;
+    /// `NotFound` if not a member.
+    async fn set_member_role(
+        &self,
+        room_id: i64,
+        user_id: i64,
+        role: MemberRole,
+    ) -> Result<Member, StoreError>;
+    /// Mutes until the given time, or unmutes with `None`. `NotFound` if not a member.
+    async fn set_member_muted(
+        &self,
+        room_id: i64,
+        user_id: i64,
+        muted_until: Option<i64>,
+    ) -> Result<Member, StoreError>;
+    /// Moves the member's read position forward to `offset` (clamped to the room's last
+    /// offset; never backward) and returns the resulting position. `NotFound` if not a member.
+    async fn set_last_read(
+        &self,
+        room_id: i64,
+        user_id: i64,
+        offset: i64,
+    ) -> Result<i64, StoreError>;
+
+    // ----- the message stream -----
+
+    /// Appends a batch of messages in ONE transaction (group commit), returning one result
+    /// per input, in input order.
+    ///
+    /// - A message whose `(user_id, client_msg_id)` is already stored, or appeared earlier
+    ///   in the batch, is a duplicate: its result is the original with `duplicate: true`,
+    ///   and it takes no offset.
+    /// - Every other valid message takes its room's next offset (strictly increasing, no
+    ///   gaps, in batch order within a room) and is written with its `message` event.
+    /// - A message that fails validation (`NotFound` room, `Invalid` user, reply or text)
+    ///   gets its own error and takes no offset; the rest of the batch still commits.
+    /// - If the transaction itself fails, every result is that error and nothing is stored.
+    async fn append_messages(
+        &self,
+        batch: Vec<NewMessage>,
+    ) -> Vec<Result<AppendedMessage, StoreError>>;
+
+    /// Applies an edit, delete, removal or restore to a message and appends the event
+    /// under the room's next offset, in one transaction. `NotFound` if the message is not in
+    /// that room, `Conflict` if its state forbids it (editing a deleted or removed message,
+    /// deleting twice, removing a removed or restoring a visible one), `Invalid` for kind
+    /// `Message` or an edit without text.
+    async fn append_event(&self, event: NewEvent) -> Result<RoomEvent, StoreError>;
+
+    /// Events with offsets above `after_offset`, oldest first, at most `limit`. For
+    /// recovery: a client at offset N asks for `events(room, N, cap)`.
+    async fn events(
+        &self,
+        room_id: i64,
+        after_offset: i64,
+        limit: u32,
+    ) -> Result<Vec<RoomEvent>, StoreError>;
+    /// The `limit` events just below `before_offset`, oldest first. For paging backwards.
+    async fn events_before(
+        &self,
+        room_id: i64,
+        before_offset: i64,
+        limit: u32,
+    ) -> Result<Vec<RoomEvent>, StoreError>;
+    /// The room's last offset and epoch. `NotFound` if there is no such room.
+    async fn room_position(&self, room_id: i64) -> Result<StreamPosition, StoreError>;
+    async fn message(&self, id: i64) -> Result<Option<Message>, StoreError>;
+    /// A page of messages for REST history, including deleted and removed ones (flagged).
+    async fn messages(&self, room_id: i64, page: MessagePage) -> Result<Vec<Message>, StoreError>;
+
+    // ----- audit -----
+
+    async fn append_audit(&self, entry: NewAudit) -> Result<AuditEntry, StoreError>;
+    /// Newest first: ids below `before_id` (all if `None`), at most `limit`.
+    async fn audit_log(
+        &self,
+        before_id: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>, StoreError>;
+}

@@ -1,0 +1,1057 @@
+//! The store suite, written once against `Arc<dyn Store>` and run on both backends by
+//! `on_both!` in `store.rs`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::json;
+use switchboard_store::testing::TestDatabase;
+use switchboard_store::*;
+
+// ----- helpers -----
+
+async fn user(store: &Arc<dyn Store>, name: &str) -> User {
+    store
+        .create_user(NewUser {
+            username: name.to_owned(),
+            password_hash: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA".to_owned(),
+            display_name: format!("{name} display"),
+            role: UserRole::User,
+        })
+        .await
+        .unwrap()
+}
+
+async fn room(store: &Arc<dyn Store>, owner: i64, kind: RoomKind) -> Room {
+    store
+        .create_room(NewRoom {
+            kind,
+            name: "general".to_owned(),
+            created_by: owner,
+        })
+        .await
+        .unwrap()
+}
+
+fn msg(room_id: i64, user_id: i64, cmid: &str, text: &str) -> NewMessage {
+    NewMessage {
+        room_id,
+        user_id,
+        client_msg_id: Some(cmid.to_owned()),
+        text: text.to_owned(),
+        reply_to: None,
+    }
+}
+
+async fn send(store: &Arc<dyn Store>, m: NewMessage) -> AppendedMessage {
+    let mut out = store.append_messages(vec![m]).await;
+    assert_eq!(out.len(), 1);
+    out.pop().unwrap().unwrap()
+}
+
+fn event(room_id: i64, message_id: i64, user_id: i64, kind: EventKind) -> NewEvent {
+    NewEvent {
+        room_id,
+        message_id,
+        user_id,
+        kind,
+        text: None,
+        data: serde_json::Value::Null,
+    }
+}
+
+async fn offsets(store: &Arc<dyn Store>, room_id: i64) -> Vec<i64> {
+    let events = store.events(room_id, 0, MAX_PAGE).await.unwrap();
+    events.iter().map(|e| e.offset).collect()
+}
+
+// ----- the suite -----
+
+pub async fn migrations_are_idempotent(db: &TestDatabase) {
+    let first = db.open().await;
+    let alice = user(&first, "alice").await;
+    first.close().await;
+    // Open again (migrations run again and find nothing to do), then migrate explicitly.
+    let second = db.open().await;
+    assert_eq!(
+        second.user_by_id(alice.id).await.unwrap().unwrap().username,
+        "alice"
+    );
+    assert_eq!(
+        switchboard_store::migrate(db.url()).await.unwrap(),
+        db.backend()
+    );
+    assert_eq!(second.backend(), db.backend());
+    second.close().await;
+}
+
+pub async fn accounts(store: Arc<dyn Store>) {
+    store.ping().await.unwrap();
+    let alice = user(&store, "alice").await;
+    assert_eq!(alice.role, UserRole::User);
+    let err = store
+        .create_user(NewUser {
+            username: "alice".into(),
+            password_hash: "x".into(),
+            display_name: "other".into(),
+            role: UserRole::Admin,
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+
+    assert_eq!(store.user_by_id(alice.id).await.unwrap().unwrap(), alice);
+    assert_eq!(
+        store.user_by_username("alice").await.unwrap().unwrap(),
+        alice
+    );
+    assert_eq!(store.user_by_username("Alice").await.unwrap(), None);
+    assert_eq!(store.user_by_id(alice.id + 1000).await.unwrap(), None);
+
+    let updated = store
+        .update_user(
+            alice.id,
+            UserUpdate {
+                display_name: Some("Alice A.".into()),
+                role: Some(UserRole::Admin),
+                ..UserUpdate::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(updated.display_name, "Alice A.");
+    assert_eq!(updated.role, UserRole::Admin);
+    assert_eq!(updated.password_hash, alice.password_hash);
+    let err = store
+        .update_user(alice.id + 1000, UserUpdate::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound), "{err:?}");
+    // The hash never leaves through serde.
+    assert!(!serde_json::to_string(&updated).unwrap().contains("argon2"));
+}
+
+pub async fn refresh_tokens(store: Arc<dyn Store>) {
+    let alice = user(&store, "alice").await;
+    let now = now_ms();
+    let token = RefreshToken {
+        token_hash: "h1".into(),
+        user_id: alice.id,
+        expires_at: now + 60_000,
+        revoked: false,
+    };
+    store.store_refresh_token(token.clone()).await.unwrap();
+    let err = store.store_refresh_token(token.clone()).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    assert_eq!(
+        store.find_refresh_token("h1").await.unwrap().unwrap(),
+        token
+    );
+    assert_eq!(store.find_refresh_token("nope").await.unwrap(), None);
+
+    assert!(store.revoke_refresh_token("h1").await.unwrap());
+    assert!(!store.revoke_refresh_token("h1").await.unwrap());
+    assert!(!store.revoke_refresh_token("nope").await.unwrap());
+    assert!(
+        store
+            .find_refresh_token("h1")
+            .await
+            .unwrap()
+            .unwrap()
+            .revoked
+    );
+
+    for (hash, expires_at) in [("h2", now + 60_000), ("h3", now - 1)] {
+        store
+            .store_refresh_token(RefreshToken {
+                token_hash: hash.into(),
+                user_id: alice.id,
+                expires_at,
+                revoked: false,
+            })
+            .await
+            .unwrap();
+    }
+    assert_eq!(store.revoke_user_refresh_tokens(alice.id).await.unwrap(), 2);
+    assert!(
+        store
+            .find_refresh_token("h2")
+            .await
+            .unwrap()
+            .unwrap()
+            .revoked
+    );
+    assert_eq!(store.purge_expired_refresh_tokens(now).await.unwrap(), 1);
+    assert_eq!(store.find_refresh_token("h3").await.unwrap(), None);
+}
+
+pub async fn rooms_and_membership(store: Arc<dyn Store>) {
+    let alice = user(&store, "alice").await;
+    let bob = user(&store, "bob").await;
+    let carol = user(&store, "carol").await;
+    let general = room(&store, alice.id, RoomKind::Public).await;
+    assert_eq!(general.last_offset, 0);
+    assert!(!general.epoch.is_empty());
+    assert_eq!(store.room(general.id).await.unwrap().unwrap(), general);
+    assert_eq!(store.room(general.id + 1000).await.unwrap(), None);
+
+    let owner = store.member(general.id, alice.id).await.unwrap().unwrap();
+    assert_eq!(owner.role, MemberRole::Owner);
+
+    let err = store
+        .create_room(NewRoom {
+            kind: RoomKind::Public,
+            name: "x".into(),
+            created_by: 999_999,
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound), "{err:?}");
+
+    let m = store
+        .add_member(general.id, bob.id, MemberRole::Member)
+        .await
+        .unwrap();
+    assert_eq!(
+        (m.role, m.muted_until, m.last_read_offset),
+        (MemberRole::Member, None, 0)
+    );
+    let err = store
+        .add_member(general.id, bob.id, MemberRole::Member)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    let err = store
+        .add_member(general.id + 1000, bob.id, MemberRole::Member)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound), "{err:?}");
+    let err = store
+        .add_member(general.id, 999_999, MemberRole::Member)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound), "{err:?}");
+
+    let m = store
+        .set_member_role(general.id, bob.id, MemberRole::Moderator)
+        .await
+        .unwrap();
+    assert_eq!(m.role, MemberRole::Moderator);
+    let until = now_ms() + 60_000;
+    let m = store
+        .set_member_muted(general.id, bob.id, Some(until))
+        .await
+        .unwrap();
+    assert_eq!(m.muted_until, Some(until));
+    assert_eq!(
+        store
+            .member(general.id, bob.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .muted_until,
+        Some(until)
+    );
+    let m = store
+        .set_member_muted(general.id, bob.id, None)
+        .await
+        .unwrap();
+    assert_eq!(m.muted_until, None);
+    let err = store
+        .set_member_role(general.id, carol.id, MemberRole::Owner)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound), "{err:?}");
+
+    let members = store.members(general.id).await.unwrap();
+    let ids: Vec<i64> = members.iter().map(|m| m.user_id).collect();
+    assert_eq!(ids, vec![alice.id, bob.id]);
+
+    store.remove_member(general.id, bob.id).await.unwrap();
+    let err = store.remove_member(general.id, bob.id).await.unwrap_err();
+    assert!(matches!(err, StoreError::NotFound), "{err:?}");
+    assert_eq!(store.member(general.id, bob.id).await.unwrap(), None);
+
+    // Direct rooms are found by their two members, in either order.
+    let dm = room(&store, alice.id, RoomKind::Direct).await;
+    store
+        .add_member(dm.id, carol.id, MemberRole::Member)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.direct_room(carol.id, alice.id).await.unwrap(),
+        Some(dm.clone())
+    );
+    assert_eq!(store.direct_room(alice.id, bob.id).await.unwrap(), None);
+
+    let secret = room(&store, alice.id, RoomKind::Private).await;
+    let public = store.public_rooms(0, 10).await.unwrap();
+    assert_eq!(public, vec![general.clone()]);
+    assert!(store.public_rooms(general.id, 10).await.unwrap().is_empty());
+
+    // Deleting a room takes its members and messages along.
+    let sent = send(&store, msg(secret.id, alice.id, "s1", "hush")).await;
+    store.delete_room(secret.id).await.unwrap();
+    assert_eq!(store.room(secret.id).await.unwrap(), None);
+    assert_eq!(store.message(sent.message.id).await.unwrap(), None);
+    assert_eq!(store.member(secret.id, alice.id).await.unwrap(), None);
+    assert!(store.events(secret.id, 0, 10).await.unwrap().is_empty());
+    assert!(matches!(
+        store.delete_room(secret.id).await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        store.room_position(secret.id).await,
+        Err(StoreError::NotFound)
+    ));
+}
+
+/// 20 senders × 50 messages into one room, concurrently, in small batches: the offsets are
+/// exactly 1..=1000 and each sender's messages are in its sending order.
+pub async fn offsets_gap_free_under_concurrency(store: Arc<dyn Store>) {
+    const SENDERS: usize = 20;
+    const EACH: usize = 50;
+    let owner = user(&store, "owner").await;
+    let r = room(&store, owner.id, RoomKind::Public).await;
+    let mut senders = Vec::new();
+    for i in 0..SENDERS {
+        let u = user(&store, &format!("sender{i}")).await;
+        store
+            .add_member(r.id, u.id, MemberRole::Member)
+            .await
+            .unwrap();
+        senders.push(u.id);
+    }
+    let mut tasks = Vec::new();
+    for (i, &uid) in senders.iter().enumerate() {
+        let store = store.clone();
+        let room_id = r.id;
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut k = 0;
+            // Batches of 1..=4 messages, varying per sender, to mix batch shapes.
+            while k < EACH {
+                let n = (1 + (i + k) % 4).min(EACH - k);
+                let batch: Vec<NewMessage> = (k..k + n)
+                    .map(|j| msg(room_id, uid, &format!("{i}-{j}"), &format!("m {i} {j}")))
+                    .collect();
+                for res in store.append_messages(batch).await {
+                    let a = res.unwrap();
+                    assert!(!a.duplicate);
+                    got.push(a.message);
+                }
+                k += n;
+            }
+            got
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        let got = t.await.unwrap();
+        assert_eq!(got.len(), EACH);
+        // Per-sender order: offsets increase in the order the messages were sent.
+        for (j, pair) in got.windows(2).enumerate() {
+            assert!(
+                pair[0].offset < pair[1].offset,
+                "sender order broken at {j}"
+            );
+            assert_eq!(
+                pair[1].text,
+                format!("m {} {}", pair[1].text.split(' ').nth(1).unwrap(), j + 1)
+            );
+        }
+        all.extend(got);
+    }
+    let total = (SENDERS * EACH) as i64;
+    let mut seen: Vec<i64> = all.iter().map(|m| m.offset).collect();
+    seen.sort_unstable();
+    assert_eq!(seen, (1..=total).collect::<Vec<_>>());
+    assert_eq!(offsets(&store, r.id).await, (1..=total).collect::<Vec<_>>());
+    assert_eq!(store.room_position(r.id).await.unwrap().offset, total);
+    assert_eq!(store.room_position(r.id).await.unwrap().epoch, r.epoch);
+    // The stream agrees with what each append returned.
+    let by_offset: HashMap<i64, i64> = all.iter().map(|m| (m.offset, m.id)).collect();
+    for e in store.events(r.id, 0, MAX_PAGE).await.unwrap() {
+        assert_eq!(e.kind, EventKind::Message);
+        assert_eq!(by_offset[&e.offset], e.message_id);
+    }
+}
+
+pub async fn dedupe_on_retry(store: Arc<dyn Store>) {
+    let alice = user(&store, "alice").await;
+    let r = room(&store, alice.id, RoomKind::Public).await;
+    let first = send(&store, msg(r.id, alice.id, "c-1", "hello")).await;
+    assert!(!first.duplicate);
+    assert_eq!(first.message.offset, 1);
+
+    // A retry, even with different text, returns the original and takes no offset.
+    let retry = send(&store, msg(r.id, alice.id, "c-1", "hello again")).await;
+    assert!(retry.duplicate);
+    assert_eq!(retry.message, first.message);
+    assert_eq!(store.room_position(r.id).await.unwrap().offset, 1);
+
+    // The key is per user: another user may use the same client id.
+    let bob = user(&store, "bob").await;
+    store
+        .add_member(r.id, bob.id, MemberRole::Member)
+        .await
+        .unwrap();
+    let bobs = send(&store, msg(r.id, bob.id, "c-1", "hi")).await;
+    assert!(!bobs.duplicate);
+    assert_eq!(bobs.message.offset, 2);
+
+    // Messages without a client id are never deduplicated.
+    for expect in [3, 4] {
+        let mut m = msg(r.id, alice.id, "", "no id");
+        m.client_msg_id = None;
+        let a = send(&store, m).await;
+        assert!(!a.duplicate);
+        assert_eq!(a.message.offset, expect);
+    }
+    assert_eq!(offsets(&store, r.id).await, vec![1, 2, 3, 4]);
+    let page = store
+        .messages(
+            r.id,
+            MessagePage {
+                limit: 100,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(page.len(), 4);
+}
+
+pub async fn batch_with_duplicates_and_failures(store: Arc<dyn Store>) {
+    let alice = user(&store, "alice").await;
+    let r = room(&store, alice.id, RoomKind::Public).await;
+    let other = room(&store, alice.id, RoomKind::Public).await;
+    let old = send(&store, msg(r.id, alice.id, "old", "already stored")).await;
+    let elsewhere = send(&store, msg(other.id, alice.id, "x", "in the other room")).await;
+
+    let mut bad_reply = msg(r.id, alice.id, "b5", "bad reply");
+    bad_reply.reply_to = Some(elsewhere.message.id);
+    let mut good_reply = msg(r.id, alice.id, "b6", "good reply");
+    good_reply.reply_to = Some(old.message.id);
+    let batch = vec![
+        msg(r.id, alice.id, "b1", "one"),            // 0: new, offset 2
+        msg(r.id, alice.id, "old", "retry of old"),  // 1: duplicate of a stored message
+        msg(r.id, alice.id, "b1", "one again"),      // 2: duplicate inside the batch
+        msg(r.id + 1000, alice.id, "b3", "no room"), // 3: NotFound
+        msg(r.id, 999_999, "b4", "no user"),         // 4: Invalid
+        bad_reply,                                   // 5: Invalid
+        good_reply,                                  // 6: new, offset 3
+        msg(other.id, alice.id, "b7", "other room"), // 7: new, offset 2 of other
+        msg(r.id, alice.id, "b8", "nul\0inside"),    // 8: Invalid
+        msg(r.id, alice.id, "b9", "last"),           // 9: new, offset 4
+    ];
+    let out = store.append_messages(batch).await;
+    assert_eq!(out.len(), 10);
+    let ok = |i: usize| out[i].as_ref().unwrap();
+    assert_eq!((ok(0).message.offset, ok(0).duplicate), (2, false));
+    assert_eq!(ok(1).message, old.message);
+    assert!(ok(1).duplicate);
+    assert!(ok(2).duplicate);
+    assert_eq!(ok(2).message, ok(0).message);
+    assert_eq!(ok(2).message.text, "one");
+    assert!(matches!(out[3], Err(StoreError::NotFound)), "{:?}", out[3]);
+    assert!(
+        matches!(out[4], Err(StoreError::Invalid(_))),
+        "{:?}",
+        out[4]
+    );
+    assert!(
+        matches!(out[5], Err(StoreError::Invalid(_))),
+        "{:?}",
+        out[5]
+    );
+    assert_eq!(ok(6).message.offset, 3);
+    assert_eq!(ok(6).message.reply_to, Some(old.message.id));
+    assert_eq!((ok(7).message.room_id, ok(7).message.offset), (other.id, 2));
+    assert!(
+        matches!(out[8], Err(StoreError::Invalid(_))),
+        "{:?}",
+        out[8]
+    );
+    assert_eq!(ok(9).message.offset, 4);
+
+    assert_eq!(offsets(&store, r.id).await, vec![1, 2, 3, 4]);
+    assert_eq!(offsets(&store, other.id).await, vec![1, 2]);
+    // What the batch returned is what is stored.
+    for i in [0, 6, 7, 9] {
+        assert_eq!(
+            store.message(ok(i).message.id).await.unwrap().unwrap(),
+            ok(i).message
+        );
+    }
+    // A failed key can be used later.
+    let later = send(&store, msg(r.id, alice.id, "b3", "now with a room")).await;
+    assert!(!later.duplicate);
+    assert_eq!(later.message.offset, 5);
+    assert!(store.append_messages(Vec::new()).await.is_empty());
+}
+
+pub async fn events_and_paging(store: Arc<dyn Store>) {
+    let alice = user(&store, "alice").await;
+    let r = room(&store, alice.id, RoomKind::Public).await;
+    let mut ids = Vec::new();
+    for chunk in 0..5 {
+        let batch: Vec<NewMessage> = (0..5)
+            .map(|j| {
+                let k = chunk * 5 + j;
+                msg(r.id, alice.id, &format!("p{k}"), &format!("text {k}"))
+            })
+            .collect();
+        for res in store.append_messages(batch).await {
+            ids.push(res.unwrap().message.id);
+        }
+    }
+    let mut edit = event(r.id, ids[0], alice.id, EventKind::Edit);
+    edit.text = Some("text 0, edited".into());
+    assert_eq!(store.append_event(edit).await.unwrap().offset, 26);
+    assert_eq!(
+        store
+            .append_event(event(r.id, ids[1], alice.id, EventKind::Delete))
+            .await
+            .unwrap()
+            .offset,
+        27
+    );
+
+    let first = store.events(r.id, 0, 10).await.unwrap();
+    assert_eq!(
+        first.iter().map(|e| e.offset).collect::<Vec<_>>(),
+        (1..=10).collect::<Vec<_>>()
+    );
+    let e1 = &first[0];
+    assert_eq!(
+        (e1.kind, e1.message_id, e1.user_id),
+        (EventKind::Message, ids[0], alice.id)
+    );
+    assert_eq!(e1.data, json!({}));
+    // The joined message is its current state.
+    let m1 = e1.message.as_ref().unwrap();
+    assert_eq!(
+        (m1.text.as_str(), m1.edited_at.is_some()),
+        ("text 0, edited", true)
+    );
+    assert!(first[1].message.as_ref().unwrap().deleted);
+
+    let next = store.events(r.id, 10, 10).await.unwrap();
+    assert_eq!(next.first().unwrap().offset, 11);
+    assert_eq!(next.last().unwrap().offset, 20);
+    let rest = store.events(r.id, 20, 100).await.unwrap();
+    assert_eq!(
+        rest.iter().map(|e| e.offset).collect::<Vec<_>>(),
+        (21..=27).collect::<Vec<_>>()
+    );
+    assert_eq!(rest[5].kind, EventKind::Edit);
+    assert_eq!(rest[5].data, json!({"text": "text 0, edited"}));
+    assert_eq!(rest[6].kind, EventKind::Delete);
+    assert!(store.events(r.id, 27, 10).await.unwrap().is_empty());
+    assert!(store.events(r.id, 0, 0).await.unwrap().is_empty());
+
+    let before = store.events_before(r.id, 27, 5).await.unwrap();
+    assert_eq!(
+        before.iter().map(|e| e.offset).collect::<Vec<_>>(),
+        vec![22, 23, 24, 25, 26]
+    );
+    let head = store.events_before(r.id, 3, 5).await.unwrap();
+    assert_eq!(
+        head.iter().map(|e| e.offset).collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+    assert!(store.events_before(r.id, 1, 5).await.unwrap().is_empty());
+    // Paging backwards from the top visits every offset once.
+    let mut cursor = i64::MAX;
+    let mut seen = Vec::new();
+    loop {
+        let page = store.events_before(r.id, cursor, 4).await.unwrap();
+        let Some(first) = page.first() else { break };
+        cursor = first.offset;
+        seen.splice(0..0, page.iter().map(|e| e.offset));
+    }
+    assert_eq!(seen, (1..=27).collect::<Vec<_>>());
+
+    let pos = store.room_position(r.id).await.unwrap();
+    assert_eq!(
+        pos,
+        StreamPosition {
+            offset: 27,
+            epoch: r.epoch.clone()
+        }
+    );
+    assert!(store.events(r.id + 1000, 0, 10).await.unwrap().is_empty());
+}
+
+pub async fn edits_deletes_and_moderation(store: Arc<dyn Store>) {
+    let alice = user(&store, "alice").await;
+    let moderator = user(&store, "mod").await;
+    let r = room(&store, alice.id, RoomKind::Public).await;
+    let other = room(&store, alice.id, RoomKind::Public).await;
+    let m = send(&store, msg(r.id, alice.id, "e1", "original"))
+        .await
+        .message;
+
+    let mut removed = event(r.id, m.id, moderator.id, EventKind::Removed);
+    removed.data = json!({"reason": "profanity"});
+    let ev = store.append_event(removed.clone()).await.unwrap();
+    assert_eq!(
+        (ev.offset, ev.kind, ev.user_id),
+        (2, EventKind::Removed, moderator.id)
+    );
+    assert_eq!(ev.data, json!({"reason": "profanity"}));
+    assert!(ev.message.as_ref().unwrap().removed);
+    assert!(store.message(m.id).await.unwrap().unwrap().removed);
+
+    // State conflicts take no offset.
+    let err = store.append_event(removed.clone()).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    let mut edit = event(r.id, m.id, alice.id, EventKind::Edit);
+    edit.text = Some("sneaky".into());
+    let err = store.append_event(edit.clone()).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    assert_eq!(store.room_position(r.id).await.unwrap().offset, 2);
+
+    let restored = store
+        .append_event(event(r.id, m.id, moderator.id, EventKind::Restored))
+        .await
+        .unwrap();
+    assert_eq!(restored.offset, 3);
+    assert!(!restored.message.unwrap().removed);
+    let err = store
+        .append_event(event(r.id, m.id, moderator.id, EventKind::Restored))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+
+    let edited = store.append_event(edit).await.unwrap();
+    assert_eq!(edited.offset, 4);
+    let now = edited.message.unwrap();
+    assert_eq!(now.text, "sneaky");
+    assert!(now.edited_at.is_some());
+
+    store
+        .append_event(event(r.id, m.id, alice.id, EventKind::Delete))
+        .await
+        .unwrap();
+    let err = store
+        .append_event(event(r.id, m.id, alice.id, EventKind::Delete))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+
+    // Wrong room, unknown message, unknown room, bad kinds.
+    let err = store
+        .append_event(event(other.id, m.id, alice.id, EventKind::Removed))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound), "{err:?}");
+    let err = store
+        .append_event(event(r.id, m.id + 1000, alice.id, EventKind::Removed))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound), "{err:?}");
+    let err = store
+        .append_event(event(r.id + 1000, m.id, alice.id, EventKind::Removed))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound), "{err:?}");
+    let err = store
+        .append_event(event(r.id, m.id, alice.id, EventKind::Message))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Invalid(_)), "{err:?}");
+    let err = store
+        .append_event(event(r.id, m.id, alice.id, EventKind::Edit))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Invalid(_)), "{err:?}");
+
+    assert_eq!(offsets(&store, r.id).await, vec![1, 2, 3, 4, 5]);
+    assert_eq!(offsets(&store, other.id).await, Vec::<i64>::new());
+    let kinds: Vec<EventKind> = store
+        .events(r.id, 0, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.kind)
+        .collect();
+    use EventKind::*;
+    assert_eq!(kinds, vec![Message, Removed, Restored, Edit, Delete]);
+}
+
+pub async fn unread_counts(store: Arc<dyn Store>) {
+    let alice = user(&store, "alice").await;
+    let bob = user(&store, "bob").await;
+    let a = room(&store, alice.id, RoomKind::Public).await;
+    let b = room(&store, alice.id, RoomKind::Private).await;
+    send(&store, msg(a.id, alice.id, "before-join", "history")).await;
+    // Joining later: history is not unread.
+    store
+        .add_member(a.id, bob.id, MemberRole::Member)
+        .await
+        .unwrap();
+    store
+        .add_member(b.id, bob.id, MemberRole::Member)
+        .await
+        .unwrap();
+    let summary = store.rooms_for_user(bob.id).await.unwrap();
+    assert_eq!(summary.len(), 2);
+    assert!(summary.iter().all(|s| s.unread == 0));
+
+    for i in 0..3 {
+        send(
+            &store,
+            msg(a.id, alice.id, &format!("a{i}"), &format!("a {i}")),
+        )
+        .await;
+    }
+    let last_b = send(&store, msg(b.id, alice.id, "b0", "in b"))
+        .await
+        .message;
+    let unread =
+        |rooms: &[RoomSummary], id: i64| rooms.iter().find(|s| s.room.id == id).unwrap().clone();
+    let rooms = store.rooms_for_user(bob.id).await.unwrap();
+    // Most recently active first.
+    assert_eq!(rooms[0].room.id, b.id);
+    assert_eq!(unread(&rooms, a.id).unread, 3);
+    assert_eq!(unread(&rooms, b.id).unread, 1);
+    assert_eq!(unread(&rooms, a.id).last_message.unwrap().text, "a 2");
+    assert_eq!(unread(&rooms, b.id).last_message.unwrap(), last_b);
+    assert_eq!(unread(&rooms, b.id).member.role, MemberRole::Member);
+
+    assert_eq!(store.set_last_read(a.id, bob.id, 3).await.unwrap(), 3);
+    assert_eq!(
+        unread(&store.rooms_for_user(bob.id).await.unwrap(), a.id).unread,
+        1
+    );
+    // Never backward, never past the end.
+    assert_eq!(store.set_last_read(a.id, bob.id, 2).await.unwrap(), 3);
+    assert_eq!(store.set_last_read(a.id, bob.id, 999).await.unwrap(), 4);
+    assert_eq!(
+        unread(&store.rooms_for_user(bob.id).await.unwrap(), a.id).unread,
+        0
+    );
+    let err = store.set_last_read(a.id, 999_999, 1).await.unwrap_err();
+    assert!(matches!(err, StoreError::NotFound), "{err:?}");
+
+    // A delete is an event (unread again) and hides the message from "last message".
+    let newest = store
+        .messages(
+            a.id,
+            MessagePage {
+                limit: 1,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+        .pop()
+        .unwrap();
+    store
+        .append_event(event(a.id, newest.id, alice.id, EventKind::Delete))
+        .await
+        .unwrap();
+    let s = unread(&store.rooms_for_user(bob.id).await.unwrap(), a.id);
+    assert_eq!(s.unread, 1);
+    assert_eq!(s.last_message.unwrap().text, "a 1");
+    // The owner's view: alice is in both, read nothing since creating them.
+    let mine = store.rooms_for_user(alice.id).await.unwrap();
+    assert_eq!(unread(&mine, a.id).unread, 5);
+    assert_eq!(unread(&mine, a.id).member.role, MemberRole::Owner);
+    // A room without messages has no last message.
+    let empty = room(&store, bob.id, RoomKind::Private).await;
+    let s = unread(&store.rooms_for_user(bob.id).await.unwrap(), empty.id);
+    assert_eq!((s.unread, s.last_message), (0, None));
+}
+
+pub async fn message_pages(store: Arc<dyn Store>) {
+    let alice = user(&store, "alice").await;
+    let r = room(&store, alice.id, RoomKind::Public).await;
+    let batch: Vec<NewMessage> = (1..=10)
+        .map(|i| msg(r.id, alice.id, &format!("m{i}"), &format!("{i}")))
+        .collect();
+    assert!(store.append_messages(batch).await.iter().all(|r| r.is_ok()));
+    let texts = |page: Vec<Message>| page.into_iter().map(|m| m.text).collect::<Vec<_>>();
+    let page = |before, after, limit| MessagePage {
+        before,
+        after,
+        limit,
+    };
+
+    assert_eq!(
+        texts(store.messages(r.id, page(None, None, 3)).await.unwrap()),
+        ["8", "9", "10"]
+    );
+    assert_eq!(
+        texts(store.messages(r.id, page(Some(8), None, 3)).await.unwrap()),
+        ["5", "6", "7"]
+    );
+    assert_eq!(
+        texts(store.messages(r.id, page(None, Some(8), 5)).await.unwrap()),
+        ["9", "10"]
+    );
+    assert_eq!(
+        texts(store.messages(r.id, page(None, Some(2), 3)).await.unwrap()),
+        ["3", "4", "5"]
+    );
+    assert_eq!(
+        texts(
+            store
+                .messages(r.id, page(Some(6), Some(2), 10))
+                .await
+                .unwrap()
+        ),
+        ["3", "4", "5"]
+    );
+    assert!(store
+        .messages(r.id, page(Some(1), None, 3))
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(store
+        .messages(r.id + 1000, page(None, None, 3))
+        .await
+        .unwrap()
+        .is_empty());
+
+    // Removed and deleted messages stay in history, flagged.
+    let third = store
+        .messages(r.id, page(Some(4), Some(2), 1))
+        .await
+        .unwrap()
+        .pop()
+        .unwrap();
+    store
+        .append_event(event(r.id, third.id, alice.id, EventKind::Removed))
+        .await
+        .unwrap();
+    let again = store
+        .messages(r.id, page(Some(4), Some(2), 1))
+        .await
+        .unwrap()
+        .pop()
+        .unwrap();
+    assert!(again.removed);
+    assert_eq!(again.id, third.id);
+    assert_eq!(store.message(third.id).await.unwrap().unwrap(), again);
+}
+
+pub async fn sql_and_html_round_trip_byte_exact(store: Arc<dyn Store>) {
+    let nasty = [
+        "'; DROP TABLE messages; --",
+        "Robert'); DROP TABLE users;--",
+        "\" OR \"1\"=\"1",
+        "1; DELETE FROM rooms WHERE 1=1",
+        "$1 $2 ?1 ?NNN :name @var",
+        "%_\\%\\_ LIKE '%'",
+        "<script>alert('x')</script>",
+        "<img src=x onerror=alert(1)>&amp;&lt;&#0;",
+        "{\"text\": \"json\", \"n\": 1}",
+        "  leading and trailing whitespace \t\r\n",
+        "back\\slash \\\\ and quotes ' \" `",
+        "emoji 🎉 and RTL \u{202e}gnirts and zero-width \u{200b}",
+        "control \u{1} \u{7f} \u{1b}[31m",
+        "",
+    ];
+    let name = "o'brien <b>\"; DROP TABLE users; --";
+    let u = user(&store, name).await;
+    assert_eq!(
+        store
+            .user_by_username(name)
+            .await
+            .unwrap()
+            .unwrap()
+            .username,
+        name
+    );
+    let r = room(&store, u.id, RoomKind::Public).await;
+    let big = "<p>".repeat(20_000);
+    let mut texts: Vec<String> = nasty.iter().map(|s| s.to_string()).collect();
+    texts.push(big);
+    let batch: Vec<NewMessage> = texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| msg(r.id, u.id, &format!("{}-{i}", nasty[i % nasty.len()]), t))
+        .collect();
+    let out = store.append_messages(batch.clone()).await;
+    for (res, t) in out.iter().zip(&texts) {
+        assert_eq!(&res.as_ref().unwrap().message.text, t);
+    }
+    let events = store.events(r.id, 0, 100).await.unwrap();
+    let page = store
+        .messages(
+            r.id,
+            MessagePage {
+                limit: 100,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    for (i, t) in texts.iter().enumerate() {
+        assert_eq!(
+            events[i].message.as_ref().unwrap().text.as_bytes(),
+            t.as_bytes()
+        );
+        assert_eq!(page[i].text.as_bytes(), t.as_bytes());
+        assert_eq!(page[i].client_msg_id, batch[i].client_msg_id);
+    }
+    // Dedupe keys that look like SQL still match exactly.
+    let retry = store.append_messages(batch).await;
+    assert!(retry.iter().all(|r| r.as_ref().unwrap().duplicate));
+
+    let mut edit = event(r.id, page[0].id, u.id, EventKind::Edit);
+    edit.text = Some(nasty[6].to_owned());
+    let e = store.append_event(edit).await.unwrap();
+    assert_eq!(e.message.unwrap().text, nasty[6]);
+    let stored = store.events(r.id, e.offset - 1, 1).await.unwrap();
+    assert_eq!(stored[0].data, json!({"text": nasty[6]}));
+
+    let detail = json!({"html": nasty[7], "sql": nasty[0], "nested": {"list": nasty}});
+    let entry = store
+        .append_audit(NewAudit {
+            actor_user_id: Some(u.id),
+            action: "login".into(),
+            target: nasty[1].into(),
+            detail: detail.clone(),
+        })
+        .await
+        .unwrap();
+    let listed = store.audit_log(None, 10).await.unwrap();
+    assert_eq!(listed, vec![entry]);
+    assert_eq!(listed[0].detail, detail);
+    assert_eq!(listed[0].target, nasty[1]);
+
+    // NUL cannot be stored by PostgreSQL; both refuse it the same way.
+    let mut nul = msg(r.id, u.id, "nul", "a\0b");
+    let res = store.append_messages(vec![nul.clone()]).await;
+    assert!(
+        matches!(res[0], Err(StoreError::Invalid(_))),
+        "{:?}",
+        res[0]
+    );
+    nul.text = "fine".into();
+    nul.client_msg_id = Some("n\0ul".into());
+    let res = store.append_messages(vec![nul]).await;
+    assert!(
+        matches!(res[0], Err(StoreError::Invalid(_))),
+        "{:?}",
+        res[0]
+    );
+    let err = store
+        .create_user(NewUser {
+            username: "nul\0user".into(),
+            password_hash: String::new(),
+            display_name: String::new(),
+            role: UserRole::User,
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Invalid(_)), "{err:?}");
+    assert_eq!(store.user_by_username("nul\0user").await.unwrap(), None);
+    assert_eq!(store.find_refresh_token("\0").await.unwrap(), None);
+    assert_eq!(offsets(&store, r.id).await.len(), texts.len() + 1);
+}
+
+pub async fn audit_log_order(store: Arc<dyn Store>) {
+    let admin = user(&store, "admin").await;
+    let mut written = Vec::new();
+    for (i, action) in [
+        "login",
+        "login_failed",
+        "role_change",
+        "message_removed",
+        "room_deleted",
+    ]
+    .iter()
+    .enumerate()
+    {
+        written.push(
+            store
+                .append_audit(NewAudit {
+                    actor_user_id: if i == 1 { None } else { Some(admin.id) },
+                    action: (*action).into(),
+                    target: format!("user:{i}"),
+                    detail: json!({"i": i}),
+                })
+                .await
+                .unwrap(),
+        );
+    }
+    let all = store.audit_log(None, 100).await.unwrap();
+    let newest_first: Vec<AuditEntry> = written.iter().rev().cloned().collect();
+    assert_eq!(all, newest_first);
+    assert!(all
+        .windows(2)
+        .all(|w| w[0].id > w[1].id && w[0].at >= w[1].at));
+    assert_eq!(all[3].actor_user_id, None);
+    // Paging with before_id.
+    let first = store.audit_log(None, 2).await.unwrap();
+    let second = store.audit_log(Some(first[1].id), 2).await.unwrap();
+    let third = store.audit_log(Some(second[1].id), 2).await.unwrap();
+    let paged: Vec<AuditEntry> = [first, second, third].concat();
+    assert_eq!(paged, newest_first);
+}
+
+pub async fn closed_store_is_unavailable(store: Arc<dyn Store>) {
+    let alice = user(&store, "alice").await;
+    store.close().await;
+    let err = store.ping().await.unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    let err = store.user_by_id(alice.id).await.unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    let res = store
+        .append_messages(vec![msg(1, alice.id, "x", "y"), msg(1, alice.id, "z", "w")])
+        .await;
+    assert_eq!(res.len(), 2);
+    assert!(res
+        .iter()
+        .all(|r| matches!(r, Err(StoreError::Unavailable(_)))));
+}
+
+/// Not an assertion: prints append throughput, 20,000 messages in batches of 200, one
+/// sender after another (each batch is one transaction and one commit).
+pub async fn throughput(store: Arc<dyn Store>) {
+    const TOTAL: usize = 20_000;
+    const BATCH: usize = 200;
+    let alice = user(&store, "alice").await;
+    let r = room(&store, alice.id, RoomKind::Public).await;
+    let text = "x".repeat(70);
+    let started = Instant::now();
+    for b in 0..TOTAL / BATCH {
+        let batch: Vec<NewMessage> = (0..BATCH)
+            .map(|i| msg(r.id, alice.id, &format!("t{b}-{i}"), &text))
+            .collect();
+        for res in store.append_messages(batch).await {
+            res.unwrap();
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    assert_eq!(
+        store.room_position(r.id).await.unwrap().offset,
+        TOTAL as i64
+    );
+    let line = format!(
+        "THROUGHPUT {}: {TOTAL} messages in batches of {BATCH}: {:.2} s, {:.0} msgs/s",
+        store.backend(),
+        secs,
+        TOTAL as f64 / secs
+    );
+    eprintln!("{line}");
+    // One message per transaction: the cost of a commit, i.e. why batching matters.
+    const SINGLES: usize = 300;
+    let started = Instant::now();
+    for i in 0..SINGLES {
+        send(&store, msg(r.id, alice.id, &format!("s{i}"), &text)).await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "THROUGHPUT {}: {SINGLES} messages one per transaction: {:.0} msgs/s, {:.2} ms per commit",
+        store.backend(),
+        SINGLES as f64 / secs,
+        secs * 1000.0 / SINGLES as f64
+    );
+}
