@@ -4,8 +4,8 @@
 //! Environment variables name a key by its path: `SWITCHBOARD_CLIENT__PING_INTERVAL=10s` sets
 //! `[client] ping_interval`. A few keys have fixed short names that external tools rely on:
 //! `SWITCHBOARD_LISTEN`, `SWITCHBOARD_DATA_DIR`, `SWITCHBOARD_TOKEN_HMAC_SECRET`,
-//! `SWITCHBOARD_TOKEN_RSA_PUBLIC_KEY`, `SWITCHBOARD_API_KEY` and `SWITCHBOARD_ALLOWED_ORIGINS`
-//! (comma-separated).
+//! `SWITCHBOARD_TOKEN_RSA_PUBLIC_KEY`, `SWITCHBOARD_API_KEY`, `SWITCHBOARD_ALLOWED_ORIGINS`
+//! (comma-separated) and `SWITCHBOARD_DATABASE_URL`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -36,6 +36,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// This node's name in `/api/info`.
     pub name: String,
+    /// `sqlite:PATH` or `postgres://...`. Empty: SQLite at `DATA_DIR/switchboard.db`.
+    pub database: String,
     /// Origins allowed to open WebSocket connections; empty allows any.
     pub allowed_origins: Vec<String>,
     pub token: TokenConfig,
@@ -57,6 +59,7 @@ impl Default for Config {
             listen: "127.0.0.1:8000".into(),
             data_dir: PathBuf::from("./data"),
             name: "switchboard".into(),
+            database: String::new(),
             allowed_origins: Vec::new(),
             token: TokenConfig::default(),
             api: ApiConfig::default(),
@@ -209,6 +212,15 @@ impl Default for NamespaceOptions {
 }
 
 impl Config {
+    /// The database URL in effect: the configured one, or SQLite in the data directory.
+    pub fn database_url(&self) -> String {
+        if self.database.is_empty() {
+            format!("sqlite:{}", self.data_dir.join("switchboard.db").display())
+        } else {
+            self.database.clone()
+        }
+    }
+
     /// The options of the namespace `channel` belongs to, or `None` for an unknown namespace.
     pub fn namespace(&self, channel: &str) -> Option<&NamespaceOptions> {
         match channel.split_once(':') {
@@ -246,6 +258,7 @@ impl Config {
                 "TOKEN_RSA_PUBLIC_KEY" => "token.rsa_public_key".to_string(),
                 "API_KEY" => "api.key".to_string(),
                 "ALLOWED_ORIGINS" => "allowed_origins".to_string(),
+                "DATABASE_URL" => "database".to_string(),
                 other => other.to_ascii_lowercase().replace("__", "."),
             };
             set_path(&mut table, &defaults, &path, &v)

@@ -26,6 +26,8 @@ enum Command {
     Serve(ConfigArgs),
     /// Print a connection JWT signed with the configured secret.
     Token(TokenArgs),
+    /// Apply database migrations and exit (serve also applies them at start-up).
+    Migrate(ConfigArgs),
     /// Generate load against a running server and print one JSON line of results.
     #[command(subcommand)]
     Bench(switchboard_bench::BenchCommand),
@@ -52,6 +54,9 @@ struct ConfigArgs {
     /// Comma-separated origins allowed to connect (empty: any).
     #[arg(long)]
     allowed_origins: Option<String>,
+    /// Database URL: sqlite:PATH or postgres://... [default: sqlite in the data directory].
+    #[arg(long)]
+    database: Option<String>,
 }
 
 impl ConfigArgs {
@@ -71,6 +76,9 @@ impl ConfigArgs {
         }
         if let Some(v) = &self.allowed_origins {
             flags.push(("allowed_origins", v.clone()));
+        }
+        if let Some(v) = &self.database {
+            flags.push(("database", v.clone()));
         }
         Config::load(self.config.as_deref(), std::env::vars(), &flags).map_err(|e| e.to_string())
     }
@@ -116,6 +124,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Token(args) => token(args),
+        Command::Migrate(args) => runtime.block_on(migrate(args)),
         Command::Bench(cmd) => runtime
             .block_on(switchboard_bench::run(cmd))
             .map_err(|e| e.to_string()),
@@ -157,6 +166,19 @@ async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = term => {},
     }
+}
+
+async fn migrate(args: ConfigArgs) -> Result<(), String> {
+    let config = args.load()?;
+    if config.database.is_empty() {
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| format!("cannot create {}: {e}", config.data_dir.display()))?;
+    }
+    let backend = switchboard_store::migrate(&config.database_url())
+        .await
+        .map_err(|e| format!("migration failed: {e}"))?;
+    println!("migrations applied ({backend})");
+    Ok(())
 }
 
 fn token(args: TokenArgs) -> Result<(), String> {

@@ -18,6 +18,7 @@ use crate::auth::TokenVerifier;
 use crate::config::{persistent_secret, Config};
 use crate::conn::outbound::{Conn, Control};
 use crate::metrics::Metrics;
+use switchboard_store::Store;
 
 /// Who calls an RPC method.
 pub struct RpcContext<'a> {
@@ -100,6 +101,8 @@ impl Secrets {
 pub struct Node {
     pub config: Config,
     pub hub: Hub,
+    /// Durable data: accounts, rooms, messages (SQLite or PostgreSQL).
+    pub store: Arc<dyn Store>,
     pub verifier: TokenVerifier,
     pub api_key: String,
     pub uid: String,
@@ -118,7 +121,11 @@ pub struct Node {
 }
 
 impl Node {
-    pub fn new(config: Config, secrets: &Secrets) -> anyhow::Result<Arc<Node>> {
+    pub fn new(
+        config: Config,
+        secrets: &Secrets,
+        store: Arc<dyn Store>,
+    ) -> anyhow::Result<Arc<Node>> {
         let verifier = TokenVerifier::new(&config.token, &secrets.hmac_secret)?;
         // Quiet streams live as long as the longest history TTL, so a quiet channel's position
         // stays recoverable at least as long as a busy one's.
@@ -133,6 +140,7 @@ impl Node {
         Ok(Arc::new(Node {
             config,
             hub,
+            store,
             verifier,
             api_key: secrets.api_key.clone(),
             uid: uuid::Uuid::new_v4().to_string(),

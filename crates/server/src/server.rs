@@ -169,7 +169,19 @@ impl Server {
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
         let addr = listener.local_addr()?;
         warn_insecure(&config, &secrets);
-        let node = Node::new(config, &secrets)?;
+        if config.database.is_empty() {
+            std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot create data directory {}: {e}",
+                    config.data_dir.display()
+                )
+            })?;
+        }
+        let url = config.database_url();
+        let store = switchboard_store::open(&url)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot open the database: {e}"))?;
+        let node = Node::new(config, &secrets, store)?;
         let sweeper = node.clone();
         node.tasks.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(5));
@@ -181,7 +193,7 @@ impl Server {
             }
         });
         node.tasks.spawn(serve(listener, node.clone()));
-        tracing::info!(%addr, engine = "memory", "switchboard listening");
+        tracing::info!(%addr, engine = "memory", store = %node.store.backend(), "switchboard listening");
         Ok(Server { addr, node })
     }
 
@@ -200,6 +212,7 @@ impl Server {
                 "shutdown timed out; dropping remaining connections"
             );
         }
+        self.node.store.close().await;
     }
 }
 

@@ -19,8 +19,13 @@ impl TestServer {
         Self::start_with("").await
     }
 
-    /// Starts with `extra_toml` merged over the test defaults.
+    /// Starts with `extra_toml` merged over the test defaults, on SQLite in the temp directory.
     pub async fn start_with(extra_toml: &str) -> TestServer {
+        Self::start_on("", extra_toml).await
+    }
+
+    /// Starts on the database at `database_url` (empty: SQLite in the temp directory).
+    pub async fn start_on(database_url: &str, extra_toml: &str) -> TestServer {
         let dir = tempfile::tempdir().expect("temp dir");
         let file = dir.path().join("config.toml");
         std::fs::write(&file, extra_toml).expect("write config");
@@ -32,6 +37,7 @@ impl TestServer {
             ("data_dir", data_dir),
             ("token.hmac_secret", secret.clone()),
             ("api.key", api_key.clone()),
+            ("database", database_url.to_string()),
         ];
         let config = Config::load(Some(&file), std::iter::empty(), &flags).expect("test config");
         let server = Server::start(config).await.expect("server starts");
