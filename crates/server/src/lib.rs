@@ -11,6 +11,7 @@
 //! - [`conn`]: one task per client connection; [`conn::outbound`] is the direct-write,
 //!   bounded outbound path the fan-out uses.
 //! - [`api`]: the Centrifugo-compatible server HTTP API.
+//! - [`rest`]: the `/v1` REST API (accounts, rooms, messages).
 //! - [`ws`]: upgrade checks and server-side WebSocket framing.
 //! - [`metrics`]: Prometheus metrics.
 
@@ -20,6 +21,7 @@ pub mod config;
 pub mod conn;
 pub mod metrics;
 pub mod node;
+pub mod rest;
 pub mod server;
 pub mod testing;
 pub mod ws;

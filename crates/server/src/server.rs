@@ -31,6 +31,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .merge(crate::rest::routes())
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(node)
 }
