@@ -44,6 +44,7 @@ pub struct Config {
     pub api: ApiConfig,
     pub client: ClientConfig,
     pub http: HttpConfig,
+    pub chat: ChatConfig,
     /// How long a graceful shutdown may take before remaining connections are dropped.
     #[serde(with = "dur")]
     pub shutdown_timeout: Duration,
@@ -51,6 +52,8 @@ pub struct Config {
     pub channel: NamespaceOptions,
     /// Named namespaces: channel `NAME:rest` uses `[namespaces.NAME]`.
     pub namespaces: BTreeMap<String, NamespaceOptions>,
+    /// Accounts: token lifetimes, login rate limits, password hashing.
+    pub accounts: AccountsConfig,
 }
 
 impl Default for Config {
@@ -65,9 +68,11 @@ impl Default for Config {
             api: ApiConfig::default(),
             client: ClientConfig::default(),
             http: HttpConfig::default(),
+            chat: ChatConfig::default(),
             shutdown_timeout: Duration::from_secs(10),
             channel: NamespaceOptions::default(),
             namespaces: BTreeMap::new(),
+            accounts: AccountsConfig::default(),
         }
     }
 }
@@ -156,6 +161,68 @@ impl Default for HttpConfig {
         HttpConfig {
             header_read_timeout: Duration::from_secs(10),
             max_body_size: 1024 * 1024,
+        }
+    }
+}
+
+/// `[accounts]`: the `/v1/auth` endpoints.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AccountsConfig {
+    /// Lifetime of the access tokens `/v1/auth/login` and `/v1/auth/refresh` issue (they are
+    /// also connection tokens).
+    #[serde(with = "dur")]
+    pub access_token_ttl: Duration,
+    /// Lifetime of a refresh token (each use rotates it).
+    #[serde(with = "dur")]
+    pub refresh_token_ttl: Duration,
+    /// Failed logins for one account within `login_lockout` before it is locked.
+    pub login_max_failures: u32,
+    /// Failed logins from one IP address (IPv6: one /64) within `login_lockout` before it is
+    /// locked.
+    pub login_max_failures_per_ip: u32,
+    /// How long a locked account or address gets 429, even with the right password; also the
+    /// window in which failures are counted.
+    #[serde(with = "dur")]
+    pub login_lockout: Duration,
+    /// Argon2id parameters for new password hashes: `default` (19 MiB, 2 passes), or `test`
+    /// (64 KiB, 1 pass) for test suites only: it makes stolen hashes cheap to crack.
+    pub password_hash_cost: PasswordHashCost,
+}
+
+impl Default for AccountsConfig {
+    fn default() -> Self {
+        AccountsConfig {
+            access_token_ttl: Duration::from_secs(15 * 60),
+            refresh_token_ttl: Duration::from_secs(30 * 24 * 3600),
+            login_max_failures: 5,
+            login_max_failures_per_ip: 20,
+            login_lockout: Duration::from_secs(5 * 60),
+            password_hash_cost: PasswordHashCost::Default,
+        }
+    }
+}
+
+/// See [`AccountsConfig::password_hash_cost`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PasswordHashCost {
+    Default,
+    /// Test suites only.
+    Test,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChatConfig {
+    /// Longest message text in characters; longer sends get error 107.
+    pub max_message_chars: usize,
+}
+
+impl Default for ChatConfig {
+    fn default() -> Self {
+        ChatConfig {
+            max_message_chars: 4000,
         }
     }
 }
@@ -268,9 +335,16 @@ impl Config {
             set_path(&mut table, &defaults, path, v)
                 .map_err(|e| ConfigError(format!("flag for {path}: {e}")))?;
         }
-        let cfg: Config = toml::Value::Table(table)
+        let mut cfg: Config = toml::Value::Table(table)
             .try_into()
             .map_err(|e: toml::de::Error| ConfigError(e.to_string()))?;
+        // The chat service owns `chat:`; its history lives in the store, not in a ring.
+        cfg.namespaces
+            .entry("chat".into())
+            .or_insert_with(|| NamespaceOptions {
+                history_size: 0,
+                ..Default::default()
+            });
         cfg.validate()?;
         Ok(cfg)
     }
@@ -289,6 +363,17 @@ impl Config {
         if self.client.command_rate == 0 || self.client.command_burst == 0 {
             return Err(ConfigError(
                 "client.command_rate and command_burst must be > 0".into(),
+            ));
+        }
+        let a = &self.accounts;
+        if a.access_token_ttl.as_secs() == 0 || a.refresh_token_ttl.as_secs() == 0 {
+            return Err(ConfigError(
+                "accounts.access_token_ttl and refresh_token_ttl must be at least 1s".into(),
+            ));
+        }
+        if a.login_max_failures == 0 || a.login_max_failures_per_ip == 0 {
+            return Err(ConfigError(
+                "accounts.login_max_failures and login_max_failures_per_ip must be > 0".into(),
             ));
         }
         Ok(())

@@ -4,19 +4,23 @@
 //! thin: everything here can be started in-process on port 0 (see [`testing`]).
 //!
 //! ## Layout
+//! - [`accounts`]: password hashing, access and refresh tokens, login rate limits.
 //! - [`config`]: the config struct and its layers (TOML, `SWITCHBOARD_*` env, flags).
 //! - [`auth`]: JWT verification with a pinned algorithm; token minting.
 //! - [`node`]: a node's shared state: hub, client registry, RPC registry, metrics, shutdown.
 //! - [`server`]: router, accept loop, WebSocket upgrade, graceful shutdown.
 //! - [`conn`]: one task per client connection; [`conn::outbound`] is the direct-write,
 //!   bounded outbound path the fan-out uses.
+//! - [`chat`]: the chat service on the wire: the `chat` namespace's owner and `chat.*` RPCs.
 //! - [`api`]: the Centrifugo-compatible server HTTP API.
 //! - [`rest`]: the `/v1` REST API (accounts, rooms, messages).
 //! - [`ws`]: upgrade checks and server-side WebSocket framing.
 //! - [`metrics`]: Prometheus metrics.
 
+pub mod accounts;
 pub mod api;
 pub mod auth;
+pub mod chat;
 pub mod config;
 pub mod conn;
 pub mod metrics;

@@ -28,6 +28,9 @@ enum Command {
     Token(TokenArgs),
     /// Apply database migrations and exit (serve also applies them at start-up).
     Migrate(ConfigArgs),
+    /// Manage accounts in the configured database.
+    #[command(subcommand)]
+    Admin(AdminCommand),
     /// Generate load against a running server and print one JSON line of results.
     #[command(subcommand)]
     Bench(switchboard_bench::BenchCommand),
@@ -84,6 +87,27 @@ impl ConfigArgs {
     }
 }
 
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Create an admin account (or fail if the username is taken).
+    Create(AdminCreateArgs),
+}
+
+#[derive(Args)]
+struct AdminCreateArgs {
+    /// Username: 3 to 32 of a-z, 0-9, '_', '.', '-' (case-insensitive).
+    #[arg(long)]
+    username: String,
+    /// Read the password from standard input (one line; the trailing newline is dropped).
+    #[arg(long, required = true)]
+    password_stdin: bool,
+    /// Display name [default: the username].
+    #[arg(long)]
+    display_name: Option<String>,
+    #[command(flatten)]
+    config: ConfigArgs,
+}
+
 #[derive(Args)]
 struct TokenArgs {
     /// User id (`sub` claim).
@@ -125,6 +149,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Token(args) => token(args),
         Command::Migrate(args) => runtime.block_on(migrate(args)),
+        Command::Admin(AdminCommand::Create(args)) => runtime.block_on(admin_create(args)),
         Command::Bench(cmd) => runtime
             .block_on(switchboard_bench::run(cmd))
             .map_err(|e| e.to_string()),
@@ -178,6 +203,60 @@ async fn migrate(args: ConfigArgs) -> Result<(), String> {
         .await
         .map_err(|e| format!("migration failed: {e}"))?;
     println!("migrations applied ({backend})");
+    Ok(())
+}
+
+async fn admin_create(args: AdminCreateArgs) -> Result<(), String> {
+    use switchboard::accounts;
+    use switchboard_store::{NewAudit, NewUser, UserRole};
+
+    let config = args.config.load()?;
+    accounts::validate_username(&args.username)?;
+    let display_name =
+        accounts::validate_display_name(args.display_name.as_deref().unwrap_or(&args.username))?;
+    let mut password = String::new();
+    std::io::Read::read_to_string(&mut std::io::stdin(), &mut password)
+        .map_err(|e| format!("cannot read the password from stdin: {e}"))?;
+    let password = password
+        .strip_suffix('\n')
+        .map(|p| p.strip_suffix('\r').unwrap_or(p))
+        .unwrap_or(&password)
+        .to_string();
+    accounts::validate_password(&password)?;
+    if config.database.is_empty() {
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| format!("cannot create {}: {e}", config.data_dir.display()))?;
+    }
+    let store = switchboard_store::open(&config.database_url())
+        .await
+        .map_err(|e| format!("cannot open the database: {e}"))?;
+    let hasher = std::sync::Arc::new(accounts::Hasher::new(config.accounts.password_hash_cost));
+    let password_hash = hasher.hash(password).await.map_err(|e| e.to_string())?;
+    let user = store
+        .create_user(NewUser {
+            username: accounts::normalize_username(&args.username),
+            password_hash,
+            display_name,
+            role: UserRole::Admin,
+        })
+        .await
+        .map_err(|e| format!("cannot create the user: {e}"))?;
+    store
+        .append_audit(NewAudit {
+            actor_user_id: None,
+            action: "admin_created".into(),
+            target: format!("user:{}", user.id),
+            detail: serde_json::json!({"via": "cli", "role": "admin"}),
+        })
+        .await
+        .map_err(|e| format!("cannot write the audit log: {e}"))?;
+    store.close().await;
+    println!(
+        "created admin {} (id {}) in {}",
+        user.username,
+        user.id,
+        store.backend()
+    );
     Ok(())
 }
 

@@ -103,7 +103,11 @@ pub struct Node {
     pub hub: Hub,
     /// Durable data: accounts, rooms, messages (SQLite or PostgreSQL).
     pub store: Arc<dyn Store>,
+    /// Rooms and their message streams (owner of the `chat` namespace).
+    pub chat: switchboard_chat::Chat,
     pub verifier: TokenVerifier,
+    /// Password hashing, access/refresh tokens and login rate limits (`/v1/auth`).
+    pub accounts: crate::accounts::Accounts,
     pub api_key: String,
     pub uid: String,
     pub started: Instant,
@@ -127,6 +131,7 @@ impl Node {
         store: Arc<dyn Store>,
     ) -> anyhow::Result<Arc<Node>> {
         let verifier = TokenVerifier::new(&config.token, &secrets.hmac_secret)?;
+        let accounts = crate::accounts::Accounts::new(&config, &secrets.hmac_secret);
         // Quiet streams live as long as the longest history TTL, so a quiet channel's position
         // stays recoverable at least as long as a busy one's.
         let idle_ttl = std::iter::once(&config.channel)
@@ -137,11 +142,24 @@ impl Node {
         let broker = Arc::new(MemoryBroker::new(idle_ttl));
         let hub = Hub::new(broker, Arc::new(MemoryPresence::new()));
         let metrics = Metrics::new(hub.metrics());
+        let tasks = TaskTracker::new();
+        let shutdown = CancellationToken::new();
+        let chat = switchboard_chat::Chat::start(
+            store.clone(),
+            hub.broker.clone(),
+            switchboard_chat::ChatConfig {
+                max_message_chars: config.chat.max_message_chars,
+            },
+            &tasks,
+            shutdown.clone(),
+        );
         Ok(Arc::new(Node {
             config,
             hub,
             store,
+            chat,
             verifier,
+            accounts,
             api_key: secrets.api_key.clone(),
             uid: uuid::Uuid::new_v4().to_string(),
             started: Instant::now(),
@@ -151,8 +169,8 @@ impl Node {
             rpc: RwLock::new(HashMap::new()),
             owners: RwLock::new(HashMap::new()),
             metrics,
-            shutdown: CancellationToken::new(),
-            tasks: TaskTracker::new(),
+            shutdown,
+            tasks,
         }))
     }
 

@@ -111,7 +111,7 @@ pub async fn serve(listener: TcpListener, node: Arc<Node>) {
     let app = router(node.clone());
     let header_timeout = node.config.http.header_read_timeout;
     loop {
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = node.shutdown.cancelled() => break,
             r = listener.accept() => match r {
                 Ok(v) => v,
@@ -124,7 +124,15 @@ pub async fn serve(listener: TcpListener, node: Arc<Node>) {
             },
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
+        // Each request carries the TCP peer, for `ConnectInfo<SocketAddr>` (login rate limits).
+        let service = TowerToHyperService::new(tower::ServiceExt::map_request(
+            app.clone(),
+            move |mut req: Request<hyper::body::Incoming>| {
+                req.extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer));
+                req
+            },
+        ));
         let shutdown = node.shutdown.clone();
         node.tasks.spawn(async move {
             let mut builder = hyper::server::conn::http1::Builder::new();
@@ -183,6 +191,7 @@ impl Server {
             .await
             .map_err(|e| anyhow::anyhow!("cannot open the database: {e}"))?;
         let node = Node::new(config, &secrets, store)?;
+        crate::chat::install(&node);
         let sweeper = node.clone();
         node.tasks.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(5));

@@ -85,26 +85,51 @@ fn server_env(cmd: &mut Command, server: &TestServer) {
         .env("no_proxy", "127.0.0.1,localhost");
 }
 
+/// Installs the JS suite's packages once per test binary; false when node/npm are missing.
+async fn js_deps() -> Option<PathBuf> {
+    static INSTALLED: tokio::sync::OnceCell<bool> = tokio::sync::OnceCell::const_new();
+    let dir = repo_root().join("tests/compat/js");
+    let ok = *INSTALLED
+        .get_or_init(|| async {
+            if !have("node").await || !have("npm").await {
+                return false;
+            }
+            if !dir.join("node_modules/centrifuge/package.json").exists()
+                || !dir.join("node_modules/ws/package.json").exists()
+            {
+                run(
+                    "npm ci",
+                    Command::new("npm")
+                        .args(["ci", "--no-audit", "--no-fund"])
+                        .current_dir(&dir),
+                    INSTALL_TIMEOUT,
+                )
+                .await;
+            }
+            true
+        })
+        .await;
+    if !ok {
+        missing("node and npm (Node 20+)");
+        return None;
+    }
+    Some(dir)
+}
+
+async fn run_js(server: &TestServer, dir: &Path, files: &[PathBuf], what: &str) {
+    let mut cmd = Command::new("node");
+    cmd.arg("--test")
+        .arg("--test-concurrency=4")
+        .args(files)
+        .current_dir(dir);
+    server_env(&mut cmd, server);
+    run(what, &mut cmd, SUITE_TIMEOUT).await;
+}
+
+/// Every JS suite, on the default store (SQLite).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn js_sdk() {
-    if !have("node").await || !have("npm").await {
-        missing("node and npm (Node 20+)");
-        return;
-    }
-    let dir = repo_root().join("tests/compat/js");
-    if !dir.join("node_modules/centrifuge/package.json").exists()
-        || !dir.join("node_modules/ws/package.json").exists()
-    {
-        run(
-            "npm ci",
-            Command::new("npm")
-                .args(["ci", "--no-audit", "--no-fund"])
-                .current_dir(&dir),
-            INSTALL_TIMEOUT,
-        )
-        .await;
-    }
-
+    let Some(dir) = js_deps().await else { return };
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .expect("tests/compat/js")
         .map(|e| e.expect("dir entry").path())
@@ -114,13 +139,27 @@ async fn js_sdk() {
     assert!(!files.is_empty(), "no *.test.js files in {}", dir.display());
 
     let server = TestServer::start_with(CONFIG).await;
-    let mut cmd = Command::new("node");
-    cmd.arg("--test")
-        .arg("--test-concurrency=4")
-        .args(&files)
-        .current_dir(&dir);
-    server_env(&mut cmd, &server);
-    run("node --test tests/compat/js", &mut cmd, SUITE_TIMEOUT).await;
+    run_js(&server, &dir, &files, "node --test tests/compat/js").await;
+    server.shutdown().await;
+}
+
+/// The chat suite again, on PostgreSQL (required under CI).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn js_chat_on_postgres() {
+    let Some(dir) = js_deps().await else { return };
+    let Some(db) = switchboard_store::testing::TestDatabase::postgres().await else {
+        missing("PostgreSQL at 127.0.0.1:5432 (database test)");
+        return;
+    };
+    let server = TestServer::start_on(db.url(), CONFIG).await;
+    let files = [dir.join("chat.test.js")];
+    run_js(
+        &server,
+        &dir,
+        &files,
+        "node --test chat.test.js (PostgreSQL)",
+    )
+    .await;
     server.shutdown().await;
 }
 
