@@ -185,7 +185,9 @@ impl Hasher {
     ) -> Result<bool, HashError> {
         let me = self.clone();
         self.run(move || {
-            let (hash, known) = match hash {
+            // An unusable stored hash (e.g. "" for users whose app mints their tokens) is
+            // treated like an unknown user: same work, never a match.
+            let (hash, known) = match hash.filter(|h| h.starts_with("$argon2")) {
                 Some(h) => (h, true),
                 None => {
                     let dummy = match me.dummy.get() {
@@ -198,8 +200,6 @@ impl Hasher {
                     (dummy, false)
                 }
             };
-            // An unusable stored hash (e.g. "" for users whose app mints their tokens)
-            // never matches.
             let ok = me
                 .argon2()
                 .verify_password(password.as_bytes(), hash.as_str())
@@ -334,6 +334,24 @@ mod tests {
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
         assert_eq!(ha, refresh_token_hash(&a));
         assert_eq!(ha.len(), 64);
+    }
+
+    #[test]
+    fn access_tokens_are_connection_tokens_with_aud_and_iss_when_required() {
+        let mut config = Config::default();
+        config.token.audience = "app".into();
+        config.token.issuer = "me".into();
+        let accounts = Accounts::new(&config, "secret");
+        let (token, ttl) = accounts.access_token(42).unwrap();
+        assert_eq!(ttl, 900);
+        let verifier = crate::auth::TokenVerifier::new(&config.token, "secret").unwrap();
+        let claims = verifier.verify_connect(&token).unwrap();
+        assert_eq!(claims.sub, "42");
+        assert!(claims.exp.unwrap() >= now_secs() + 899);
+        let other = crate::auth::TokenVerifier::new(&config.token, "other").unwrap();
+        assert!(other.verify_connect(&token).is_err());
+        config.token.rsa_public_key = "/nonexistent.pem".into();
+        assert!(Accounts::new(&config, "secret").access_token(42).is_none());
     }
 
     #[tokio::test]

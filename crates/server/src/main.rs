@@ -98,7 +98,7 @@ struct AdminCreateArgs {
     /// Username: 3 to 32 of a-z, 0-9, '_', '.', '-' (case-insensitive).
     #[arg(long)]
     username: String,
-    /// Read the password from standard input (one line; the trailing newline is dropped).
+    /// Read the password from standard input, up to EOF (one trailing newline is dropped).
     #[arg(long, required = true)]
     password_stdin: bool,
     /// Display name [default: the username].

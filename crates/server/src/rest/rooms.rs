@@ -6,11 +6,13 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
+
+use crate::rest::extract::{ApiJson, ApiPath, ApiQuery};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use switchboard_chat::events::message_view;
@@ -34,21 +36,6 @@ pub fn routes() -> Router<Arc<Node>> {
         .route("/v1/rooms/{id}/members/{user_id}", put(set_role))
         .route("/v1/rooms/{id}/messages", get(messages).post(send))
 }
-
-/// Every `/v1/rooms` route, for the OpenAPI document's completeness check.
-pub const PATHS: &[(&str, &str)] = &[
-    ("post", "/v1/rooms"),
-    ("get", "/v1/rooms"),
-    ("get", "/v1/rooms/public"),
-    ("get", "/v1/rooms/{id}"),
-    ("post", "/v1/rooms/{id}/join"),
-    ("post", "/v1/rooms/{id}/leave"),
-    ("post", "/v1/rooms/{id}/invite"),
-    ("post", "/v1/rooms/{id}/kick"),
-    ("put", "/v1/rooms/{id}/members/{user_id}"),
-    ("get", "/v1/rooms/{id}/messages"),
-    ("post", "/v1/rooms/{id}/messages"),
-];
 
 impl From<ChatError> for ApiError {
     fn from(e: ChatError) -> Self {
@@ -108,7 +95,7 @@ struct CreateRoom {
 async fn create(
     State(node): State<Arc<Node>>,
     user: AuthUser,
-    Json(req): Json<CreateRoom>,
+    ApiJson(req): ApiJson<CreateRoom>,
 ) -> Result<Response, ApiError> {
     let me = user.id();
     if req.kind == RoomKind::Direct {
@@ -179,7 +166,7 @@ fn default_limit() -> u32 {
 async fn public(
     State(node): State<Arc<Node>>,
     _user: AuthUser,
-    Query(p): Query<Paging>,
+    ApiQuery(p): ApiQuery<Paging>,
 ) -> Result<Json<Value>, ApiError> {
     let rooms = node
         .store
@@ -193,7 +180,7 @@ async fn public(
 async fn one(
     State(node): State<Arc<Node>>,
     user: AuthUser,
-    Path(id): Path<i64>,
+    ApiPath(id): ApiPath<i64>,
 ) -> Result<Json<Value>, ApiError> {
     let room = room(&node, id).await?;
     let member = node.store.member(id, user.id()).await?;
@@ -207,7 +194,7 @@ async fn one(
 async fn join(
     State(node): State<Arc<Node>>,
     user: AuthUser,
-    Path(id): Path<i64>,
+    ApiPath(id): ApiPath<i64>,
 ) -> Result<Json<Value>, ApiError> {
     let room = room(&node, id).await?;
     if room.kind != RoomKind::Public {
@@ -237,7 +224,7 @@ fn unsubscribe_everywhere(node: &Node, room: i64, user: i64) {
 async fn leave(
     State(node): State<Arc<Node>>,
     user: AuthUser,
-    Path(id): Path<i64>,
+    ApiPath(id): ApiPath<i64>,
 ) -> Result<StatusCode, ApiError> {
     node.store.remove_member(id, user.id()).await?;
     unsubscribe_everywhere(&node, id, user.id());
@@ -252,8 +239,8 @@ struct UserRef {
 async fn invite(
     State(node): State<Arc<Node>>,
     user: AuthUser,
-    Path(id): Path<i64>,
-    Json(req): Json<UserRef>,
+    ApiPath(id): ApiPath<i64>,
+    ApiJson(req): ApiJson<UserRef>,
 ) -> Result<Json<Value>, ApiError> {
     let room = room(&node, id).await?;
     if room.kind == RoomKind::Direct {
@@ -281,8 +268,8 @@ async fn invite(
 async fn kick(
     State(node): State<Arc<Node>>,
     user: AuthUser,
-    Path(id): Path<i64>,
-    Json(req): Json<UserRef>,
+    ApiPath(id): ApiPath<i64>,
+    ApiJson(req): ApiJson<UserRef>,
 ) -> Result<StatusCode, ApiError> {
     require(
         &node,
@@ -316,8 +303,8 @@ struct RoleReq {
 async fn set_role(
     State(node): State<Arc<Node>>,
     user: AuthUser,
-    Path((id, target)): Path<(i64, i64)>,
-    Json(req): Json<RoleReq>,
+    ApiPath((id, target)): ApiPath<(i64, i64)>,
+    ApiJson(req): ApiJson<RoleReq>,
 ) -> Result<Json<Value>, ApiError> {
     require(&node, id, user.id(), &[MemberRole::Owner]).await?;
     if req.role == MemberRole::Owner {
@@ -328,7 +315,7 @@ async fn set_role(
     let member = node.store.set_member_role(id, target, req.role).await?;
     let audit = NewAudit {
         actor_user_id: Some(user.id()),
-        action: "role_change".into(),
+        action: "room_role_change".into(),
         target: format!("room:{id}"),
         detail: json!({ "user_id": target, "role": req.role }),
     };
@@ -347,8 +334,8 @@ struct MessagesQuery {
 async fn messages(
     State(node): State<Arc<Node>>,
     user: AuthUser,
-    Path(id): Path<i64>,
-    Query(q): Query<MessagesQuery>,
+    ApiPath(id): ApiPath<i64>,
+    ApiQuery(q): ApiQuery<MessagesQuery>,
 ) -> Result<Json<Value>, ApiError> {
     node.chat.member(id, user.id()).await?;
     let page = MessagePage {
@@ -374,8 +361,8 @@ struct SendReq {
 async fn send(
     State(node): State<Arc<Node>>,
     user: AuthUser,
-    Path(id): Path<i64>,
-    Json(req): Json<SendReq>,
+    ApiPath(id): ApiPath<i64>,
+    ApiJson(req): ApiJson<SendReq>,
 ) -> Result<Response, ApiError> {
     let send = Send {
         text: req.text,
