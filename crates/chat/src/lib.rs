@@ -8,6 +8,8 @@
 //!   receipts, typing, and the stream reads used for recovery and history.
 //! - [`writer`]: the single group-commit writer task behind every write to a stream.
 //! - [`events`]: the wire shape of stream events, shared by live pushes and recovery.
+//! - [`moderation`]: the asynchronous checks of committed messages (profanity, word list,
+//!   spam heuristics) and the moderator actions (remove, restore, mute, ban, flags).
 //!
 //! ## Guarantees
 //! - A send is acknowledged only after its transaction committed (group commit: everything
@@ -17,9 +19,14 @@
 //! - A retry with the same `client_msg_id` returns the original message and publishes
 //!   nothing new.
 //! - Typing and read-receipt pushes are ephemeral: no offset, not stored, not recovered.
+//! - Moderation never delays delivery: a message is checked after it was committed and
+//!   broadcast, through a bounded queue that drops checks (counted) rather than wait; a
+//!   removal is an ordinary `removed` event under the room's next offset.
 
 pub mod events;
+pub mod moderation;
 pub mod service;
 pub mod writer;
 
+pub use moderation::{ModerationConfig, Moderator};
 pub use service::{Chat, ChatConfig, ChatError, Send, Sent, TYPING_TTL_MS};

@@ -8,13 +8,14 @@ use serde_json::json;
 use switchboard_hub::{Broker, BrokerError, HistoryFilter, HistoryPage};
 use switchboard_protocol::client::StreamPosition;
 use switchboard_store::{
-    EventKind, Member, MemberRole, Message, NewEvent, NewMessage, Store, StoreError,
+    Ban, EventKind, Member, MemberRole, Message, NewEvent, NewMessage, RoomEvent, Store, StoreError,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::events;
+use crate::moderation::{self, ModerationConfig};
 use crate::writer::{self, Job};
 
 /// Events one store read returns at most (the store's own cap).
@@ -30,12 +31,15 @@ const TYPING_ENTRIES_MAX: usize = 100_000;
 pub struct ChatConfig {
     /// Longest message text, in characters.
     pub max_message_chars: usize,
+    /// The moderation pipeline that checks committed messages (see [`crate::moderation`]).
+    pub moderation: ModerationConfig,
 }
 
 impl Default for ChatConfig {
     fn default() -> Self {
         ChatConfig {
             max_message_chars: 4000,
+            moderation: ModerationConfig::default(),
         }
     }
 }
@@ -104,7 +108,8 @@ pub struct Chat {
 }
 
 impl Chat {
-    /// Starts the writer task on `tracker`; it finishes the queued writes when `shutdown` fires.
+    /// Starts the writer task on `tracker`, and the moderation task when moderation is
+    /// enabled; the writer finishes the queued writes when `shutdown` fires.
     pub fn start(
         store: Arc<dyn Store>,
         broker: Arc<dyn Broker>,
@@ -113,7 +118,19 @@ impl Chat {
         shutdown: CancellationToken,
     ) -> Chat {
         let (tx, rx) = mpsc::channel(writer::QUEUE);
-        tracker.spawn(writer::run(store.clone(), broker.clone(), rx, shutdown));
+        let moderation = config.moderation.enabled.then(|| {
+            let (queue, pipeline) =
+                moderation::start(&config.moderation, store.clone(), tx.clone());
+            tracker.spawn(pipeline.run(shutdown.clone()));
+            queue
+        });
+        tracker.spawn(writer::run(
+            store.clone(),
+            broker.clone(),
+            rx,
+            shutdown,
+            moderation,
+        ));
         Chat {
             inner: Arc::new(Inner {
                 store,
@@ -155,6 +172,24 @@ impl Chat {
         }
     }
 
+    /// Like [`Chat::member`], with the user's ban (muted and banned users may not send).
+    async fn sender(&self, room_id: i64, user_id: i64) -> Result<(Member, Option<Ban>), ChatError> {
+        match self.inner.store.sender(room_id, user_id).await? {
+            Some(s) => Ok(s),
+            None => match self.inner.store.room(room_id).await? {
+                Some(_) => Err(ChatError::Forbidden),
+                None => Err(ChatError::NotFound),
+            },
+        }
+    }
+
+    /// Appends an edit, delete, removal or restore through the writer, so it is broadcast in
+    /// offset order with everything else. The caller has checked permissions.
+    pub(crate) async fn append_event(&self, event: NewEvent) -> Result<RoomEvent, ChatError> {
+        let (tx, rx) = oneshot::channel();
+        self.submit(Job::Event(event, tx), rx).await
+    }
+
     fn validate_text(&self, text: &str) -> Result<(), ChatError> {
         if text.trim().is_empty() {
             return Err(ChatError::Invalid("text is empty".into()));
@@ -179,8 +214,9 @@ impl Chat {
                 ));
             }
         }
-        let member = self.member(room_id, user_id).await?;
-        if member.muted_until.is_some_and(|t| t > now_ms()) {
+        let (member, ban) = self.sender(room_id, user_id).await?;
+        let now = now_ms();
+        if member.muted_until.is_some_and(|t| t > now) || ban.is_some_and(|b| b.active_at(now)) {
             return Err(ChatError::Muted);
         }
         let (tx, rx) = oneshot::channel();

@@ -9,15 +9,22 @@
 //! **Overflow policy:** the queue holds [`QUEUE`] jobs; a sender waits for room (backpressure
 //! onto that client's connection task), so nothing is dropped.
 //! **Durability:** a sender is answered after its transaction committed.
+//! **Moderation:** after a batch is broadcast, its new messages (and each edit) are offered
+//! to the moderation queue with a non-blocking `try_reserve`; a full queue drops the check
+//! (counted), so moderation never delays a send (see [`crate::moderation`]).
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use switchboard_hub::Broker;
-use switchboard_store::{AppendedMessage, NewEvent, NewMessage, RoomEvent, Store, StoreError};
+use switchboard_store::{
+    AppendedMessage, EventKind, NewEvent, NewMessage, RoomEvent, Store, StoreError,
+};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::events;
+use crate::moderation;
 
 /// Jobs waiting for the writer.
 pub const QUEUE: usize = 8192;
@@ -41,6 +48,7 @@ pub(crate) async fn run(
     broker: Arc<dyn Broker>,
     mut rx: mpsc::Receiver<Job>,
     shutdown: CancellationToken,
+    moderation: Option<moderation::Queue>,
 ) {
     let mut pending: Option<Job> = None;
     loop {
@@ -60,6 +68,9 @@ pub(crate) async fn run(
                 let result = store.append_event(event).await;
                 if let Ok(e) = &result {
                     broadcast(&broker, e).await;
+                    if let (Some(q), EventKind::Edit, Some(m)) = (&moderation, e.kind, &e.message) {
+                        q.offer(m, Instant::now(), true);
+                    }
                 }
                 let _ = reply.send(result);
             }
@@ -80,9 +91,15 @@ pub(crate) async fn run(
                     }
                 }
                 let results = store.append_messages(batch).await;
+                let committed = Instant::now();
                 for r in results.iter().flatten() {
                     if !r.duplicate {
                         broadcast(&broker, &events::message_event(&r.message)).await;
+                    }
+                }
+                if let Some(q) = &moderation {
+                    for r in results.iter().flatten().filter(|r| !r.duplicate) {
+                        q.offer(&r.message, committed, false);
                     }
                 }
                 for (reply, result) in replies.into_iter().zip(results) {

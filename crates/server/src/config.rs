@@ -45,6 +45,8 @@ pub struct Config {
     pub client: ClientConfig,
     pub http: HttpConfig,
     pub chat: ChatConfig,
+    /// The chat moderation pipeline and its checks.
+    pub moderation: ModerationConfig,
     /// How long a graceful shutdown may take before remaining connections are dropped.
     #[serde(with = "dur")]
     pub shutdown_timeout: Duration,
@@ -69,6 +71,7 @@ impl Default for Config {
             client: ClientConfig::default(),
             http: HttpConfig::default(),
             chat: ChatConfig::default(),
+            moderation: ModerationConfig::default(),
             shutdown_timeout: Duration::from_secs(10),
             channel: NamespaceOptions::default(),
             namespaces: BTreeMap::new(),
@@ -223,6 +226,86 @@ impl Default for ChatConfig {
     fn default() -> Self {
         ChatConfig {
             max_message_chars: 4000,
+        }
+    }
+}
+
+/// `[moderation]`: checks run on every committed chat message, off the delivery path (see
+/// `switchboard_chat::moderation`). Each check's action is `off`, `flag` or `remove`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModerationConfig {
+    /// Run the checks at all (moderator endpoints work either way).
+    pub enabled: bool,
+    /// Messages waiting to be checked; when full, checks are dropped (and counted), never
+    /// delivery delayed.
+    pub queue_size: usize,
+    /// The profanity filter's action, and the least severe level it acts on: `mild`,
+    /// `moderate` or `severe`.
+    pub profanity: switchboard_chat::moderation::Action,
+    pub profanity_level: switchboard_chat::moderation::Level,
+    /// Extra words and phrases, matched as whole words in any case, and their action.
+    pub words: Vec<String>,
+    pub words_action: switchboard_chat::moderation::Action,
+    /// The same text from one user more than `repeat_max` times within `repeat_window`.
+    pub repeat: switchboard_chat::moderation::Action,
+    pub repeat_max: u32,
+    #[serde(with = "dur")]
+    pub repeat_window: Duration,
+    /// More than `links_max` links in one message.
+    pub links: switchboard_chat::moderation::Action,
+    pub links_max: u32,
+    /// More than `burst_max` messages from one user within `burst_window`.
+    pub burst: switchboard_chat::moderation::Action,
+    pub burst_max: u32,
+    #[serde(with = "dur")]
+    pub burst_window: Duration,
+}
+
+impl Default for ModerationConfig {
+    fn default() -> Self {
+        let d = switchboard_chat::ModerationConfig::default();
+        ModerationConfig {
+            enabled: d.enabled,
+            queue_size: d.queue,
+            profanity: d.profanity,
+            profanity_level: d.profanity_level,
+            words: d.words,
+            words_action: d.words_action,
+            repeat: d.repeat,
+            repeat_max: d.repeat_max,
+            repeat_window: d.repeat_window,
+            links: d.links,
+            links_max: d.links_max,
+            burst: d.burst,
+            burst_max: d.burst_max,
+            burst_window: d.burst_window,
+        }
+    }
+}
+
+impl ModerationConfig {
+    /// The chat service's settings, reporting to `metrics`.
+    pub fn to_chat(
+        &self,
+        metrics: switchboard_chat::moderation::ModerationMetrics,
+    ) -> switchboard_chat::ModerationConfig {
+        switchboard_chat::ModerationConfig {
+            enabled: self.enabled,
+            queue: self.queue_size.max(1),
+            profanity: self.profanity,
+            profanity_level: self.profanity_level,
+            words: self.words.clone(),
+            words_action: self.words_action,
+            repeat: self.repeat,
+            repeat_max: self.repeat_max,
+            repeat_window: self.repeat_window,
+            links: self.links,
+            links_max: self.links_max,
+            burst: self.burst,
+            burst_max: self.burst_max,
+            burst_window: self.burst_window,
+            metrics,
         }
     }
 }
@@ -517,6 +600,33 @@ mod tests {
         let file = dir.path().join("c.toml");
         std::fs::write(&file, "[client]\nping_interval = \"soon\"\n").unwrap();
         assert!(Config::load(Some(&file), env(&[]), &[]).is_err());
+    }
+
+    #[test]
+    fn accounts_section_layers_and_checks() {
+        let cfg = Config::load(
+            None,
+            env(&[
+                ("SWITCHBOARD_ACCOUNTS__LOGIN_LOCKOUT", "1m"),
+                ("SWITCHBOARD_ACCOUNTS__LOGIN_MAX_FAILURES", "3"),
+                ("SWITCHBOARD_ACCOUNTS__PASSWORD_HASH_COST", "test"),
+            ]),
+            &[],
+        )
+        .unwrap();
+        let a = &cfg.accounts;
+        assert_eq!(a.login_lockout, Duration::from_secs(60));
+        assert_eq!(a.login_max_failures, 3);
+        assert_eq!(a.password_hash_cost, PasswordHashCost::Test);
+        assert_eq!(a.access_token_ttl, Duration::from_secs(900));
+        assert_eq!(a.refresh_token_ttl, Duration::from_secs(30 * 86400));
+        for bad in [
+            ("SWITCHBOARD_ACCOUNTS__PASSWORD_HASH_COST", "cheap"),
+            ("SWITCHBOARD_ACCOUNTS__LOGIN_MAX_FAILURES", "0"),
+            ("SWITCHBOARD_ACCOUNTS__ACCESS_TOKEN_TTL", "0s"),
+        ] {
+            assert!(Config::load(None, env(&[bad]), &[]).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

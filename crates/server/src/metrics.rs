@@ -17,6 +17,9 @@ pub struct Metrics {
     pub slow_disconnects: IntCounter,
     pub rate_limited: IntCounter,
     pub disconnects: IntCounterVec,
+    /// Chat moderation: commit-to-decision latency by outcome, and checks dropped on a
+    /// full queue (handed to the chat service, which records them).
+    pub moderation: switchboard_chat::moderation::ModerationMetrics,
 }
 
 impl Metrics {
@@ -64,6 +67,25 @@ impl Metrics {
             &["code"],
         )
         .unwrap();
+        let moderation = switchboard_chat::moderation::ModerationMetrics {
+            seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "switchboard_moderation_seconds",
+                    "Chat moderation latency from commit to decision (for a removal, to its \
+                     broadcast), by outcome: pass, flag, remove",
+                )
+                .buckets(vec![
+                    0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                ]),
+                &["outcome"],
+            )
+            .unwrap(),
+            dropped: IntCounter::new(
+                "switchboard_moderation_dropped_total",
+                "Chat moderation checks dropped because the moderation queue was full",
+            )
+            .unwrap(),
+        };
         for m in [
             Box::new(connections.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(subscriptions.clone()),
@@ -72,6 +94,8 @@ impl Metrics {
             Box::new(slow_disconnects.clone()),
             Box::new(rate_limited.clone()),
             Box::new(disconnects.clone()),
+            Box::new(moderation.seconds.clone()),
+            Box::new(moderation.dropped.clone()),
             Box::new(hub.publications.clone()),
             Box::new(hub.deliveries.clone()),
         ] {
@@ -89,6 +113,7 @@ impl Metrics {
             slow_disconnects,
             rate_limited,
             disconnects,
+            moderation,
         }
     }
 

@@ -149,6 +149,7 @@ impl Node {
             hub.broker.clone(),
             switchboard_chat::ChatConfig {
                 max_message_chars: config.chat.max_message_chars,
+                moderation: config.moderation.to_chat(metrics.moderation.clone()),
             },
             &tasks,
             shutdown.clone(),

@@ -15,17 +15,31 @@ use sqlx::SqlSafeStr;
 use crate::Backend;
 
 /// `(version, description, sql)`, in version order. Add new files here, never edit old ones.
-const SQLITE: &[(i64, &str, &str)] = &[(
-    1,
-    "init",
-    include_str!("../migrations/sqlite/0001_init.sql"),
-)];
+const SQLITE: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "init",
+        include_str!("../migrations/sqlite/0001_init.sql"),
+    ),
+    (
+        2,
+        "moderation",
+        include_str!("../migrations/sqlite/0002_moderation.sql"),
+    ),
+];
 
-const POSTGRES: &[(i64, &str, &str)] = &[(
-    1,
-    "init",
-    include_str!("../migrations/postgres/0001_init.sql"),
-)];
+const POSTGRES: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "init",
+        include_str!("../migrations/postgres/0001_init.sql"),
+    ),
+    (
+        2,
+        "moderation",
+        include_str!("../migrations/postgres/0002_moderation.sql"),
+    ),
+];
 
 fn list(backend: Backend) -> &'static [(i64, &'static str, &'static str)] {
     match backend {

@@ -291,3 +291,74 @@ pub struct AuditEntry {
     pub target: String,
     pub detail: serde_json::Value,
 }
+
+text_enum! {
+    /// How a moderator settled a flag.
+    FlagResolution { Removed = "removed", Restored = "restored", Dismissed = "dismissed" }
+}
+
+/// A message flagged for review, by the moderation pipeline or a person.
+#[derive(Debug, Clone)]
+pub struct NewFlag {
+    pub message_id: i64,
+    pub room_id: i64,
+    /// The message's author.
+    pub user_id: i64,
+    /// The check that fired (`profanity`, `words`, `repeat`, `links`, `burst`).
+    pub reason: String,
+    /// What matched, as JSON; `Null` for nothing.
+    pub detail: serde_json::Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Flag {
+    pub id: i64,
+    pub message_id: i64,
+    pub room_id: i64,
+    pub user_id: i64,
+    pub reason: String,
+    pub detail: serde_json::Value,
+    pub created_at: i64,
+    /// Set when a moderator removed or restored the message, or dismissed the flag.
+    pub resolved_at: Option<i64>,
+    pub resolved_by: Option<i64>,
+    pub resolution: Option<FlagResolution>,
+    /// The message as it is now (with its text: flags are for moderators).
+    pub message: Option<Message>,
+}
+
+/// Which flags [`crate::Store::flags`] lists: newest first, ids below `before_id`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FlagQuery {
+    /// One room's flags, or every room's with `None`.
+    pub room_id: Option<i64>,
+    /// Resolved flags too, not only the open ones.
+    pub include_resolved: bool,
+    pub before_id: Option<i64>,
+    pub limit: u32,
+}
+
+/// A user who may not send messages anywhere.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ban {
+    pub user_id: i64,
+    /// The ban ends at this time; `None` until it is lifted.
+    pub until: Option<i64>,
+    pub reason: String,
+    pub created_by: Option<i64>,
+    pub created_at: i64,
+}
+
+impl Ban {
+    /// Whether the ban is in force at `now` (milliseconds since the Unix epoch).
+    pub fn active_at(&self, now: i64) -> bool {
+        self.until.is_none_or(|t| t > now)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NewBan {
+    pub until: Option<i64>,
+    pub reason: String,
+    pub created_by: Option<i64>,
+}

@@ -103,11 +103,34 @@ macro_rules! event_cols {
         )
     };
 }
+macro_rules! flag_cols {
+    () => {
+        "f.id, f.message_id, f.room_id, f.user_id, f.reason, f.detail, f.created_at, \
+         f.resolved_at, f.resolved_by, f.resolution"
+    };
+}
+macro_rules! ban_cols {
+    ($p:literal) => {
+        concat!(
+            $p,
+            "user_id, ",
+            $p,
+            "until_at, ",
+            $p,
+            "reason, ",
+            $p,
+            "created_by, ",
+            $p,
+            "created_at"
+        )
+    };
+}
+pub(crate) const FLAG_WIDTH: usize = 10;
 pub(crate) const ROOM_WIDTH: usize = 7;
 pub(crate) const MEMBER_WIDTH: usize = 6;
 pub(crate) const EVENT_WIDTH: usize = 7;
 
-pub(crate) use {event_cols, member_cols, msg_cols, room_cols, user_cols};
+pub(crate) use {ban_cols, event_cols, flag_cols, member_cols, msg_cols, room_cols, user_cols};
 
 /// Parses a stored enum or JSON value; a failure means the database holds something the
 /// schema's CHECK constraints should have kept out.
@@ -166,8 +189,8 @@ macro_rules! sql_store {
         use $crate::error::db_err;
         use $crate::model::*;
         use $crate::shared::{
-            check_text, event_cols, member_cols, msg_cols, page, parse_json, parse_stored, room_cols,
-            user_cols, EVENT_WIDTH, MEMBER_WIDTH, ROOM_WIDTH,
+            ban_cols, check_text, event_cols, flag_cols, member_cols, msg_cols, page, parse_json,
+            parse_stored, room_cols, user_cols, EVENT_WIDTH, FLAG_WIDTH, MEMBER_WIDTH, ROOM_WIDTH,
         };
         use $crate::StoreError;
 
@@ -259,6 +282,36 @@ macro_rules! sql_store {
                 target: get(row, 4)?,
                 detail: parse_json(get::<&str>(row, 5)?)?,
             })
+        }
+
+        fn flag_at(row: &$row) -> Result<Flag, StoreError> {
+            Ok(Flag {
+                id: get(row, 0)?,
+                message_id: get(row, 1)?,
+                room_id: get(row, 2)?,
+                user_id: get(row, 3)?,
+                reason: get(row, 4)?,
+                detail: parse_json(get::<&str>(row, 5)?)?,
+                created_at: get(row, 6)?,
+                resolved_at: get(row, 7)?,
+                resolved_by: get(row, 8)?,
+                resolution: get::<Option<&str>>(row, 9)?.map(parse_stored).transpose()?,
+                message: opt_message_at(row, FLAG_WIDTH)?,
+            })
+        }
+
+        /// A ban from a LEFT JOIN: absent when its user_id column is NULL.
+        fn opt_ban_at(row: &$row, i: usize) -> Result<Option<Ban>, StoreError> {
+            let Some(user_id) = get::<Option<i64>>(row, i)? else {
+                return Ok(None);
+            };
+            Ok(Some(Ban {
+                user_id,
+                until: get(row, i + 1)?,
+                reason: get(row, i + 2)?,
+                created_by: get(row, i + 3)?,
+                created_at: get(row, i + 4)?,
+            }))
         }
 
         /// Replaces the generic text of a unique violation with the caller's.
@@ -963,6 +1016,182 @@ macro_rules! sql_store {
                 .await
                 .map_err(db_err)?;
                 rows.iter().map(audit_at).collect()
+            }
+
+            async fn sender(
+                &self,
+                room_id: i64,
+                user_id: i64,
+            ) -> Result<Option<(Member, Option<Ban>)>, StoreError> {
+                let row = sqlx::query(concat!(
+                    "SELECT ", member_cols!("rm."), ", ", ban_cols!("b."),
+                    " FROM room_members rm LEFT JOIN user_bans b ON b.user_id = rm.user_id \
+                     WHERE rm.room_id = $1 AND rm.user_id = $2"
+                ))
+                .bind(room_id)
+                .bind(user_id)
+                .fetch_optional(&self.reader)
+                .await
+                .map_err(db_err)?;
+                row.map(|r| Ok((member_at(&r, 0)?, opt_ban_at(&r, MEMBER_WIDTH)?)))
+                    .transpose()
+            }
+
+            async fn add_flags(&self, flags: Vec<NewFlag>) -> Result<u64, StoreError> {
+                if flags.is_empty() {
+                    return Ok(0);
+                }
+                for f in &flags {
+                    check_text("reason", &f.reason)?;
+                }
+                let created_at = now_ms();
+                let mut tx = self.begin_write().await?;
+                for f in &flags {
+                    let detail = match &f.detail {
+                        serde_json::Value::Null => "{}".to_owned(),
+                        d => d.to_string(),
+                    };
+                    sqlx::query(
+                        "INSERT INTO moderation_flags \
+                         (message_id, room_id, user_id, reason, detail, created_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6)",
+                    )
+                    .bind(f.message_id)
+                    .bind(f.room_id)
+                    .bind(f.user_id)
+                    .bind(&f.reason)
+                    .bind(detail)
+                    .bind(created_at)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+                }
+                tx.commit().await.map_err(db_err)?;
+                Ok(flags.len() as u64)
+            }
+
+            async fn flag(&self, id: i64) -> Result<Option<Flag>, StoreError> {
+                let row = sqlx::query(concat!(
+                    "SELECT ", flag_cols!(), ", ", msg_cols!("m."),
+                    " FROM moderation_flags f LEFT JOIN messages m ON m.id = f.message_id \
+                     WHERE f.id = $1"
+                ))
+                .bind(id)
+                .fetch_optional(&self.reader)
+                .await
+                .map_err(db_err)?;
+                row.map(|r| flag_at(&r)).transpose()
+            }
+
+            async fn flags(&self, q: FlagQuery) -> Result<Vec<Flag>, StoreError> {
+                let rows = sqlx::query(concat!(
+                    "SELECT ", flag_cols!(), ", ", msg_cols!("m."),
+                    " FROM moderation_flags f JOIN messages m ON m.id = f.message_id \
+                     WHERE ($1 IS NULL OR f.room_id = $1) AND ($2 OR f.resolved_at IS NULL) \
+                     AND ($3 IS NULL OR f.id < $3) ORDER BY f.id DESC LIMIT $4"
+                ))
+                .bind(q.room_id)
+                .bind(q.include_resolved)
+                .bind(q.before_id)
+                .bind(page(q.limit))
+                .fetch_all(&self.reader)
+                .await
+                .map_err(db_err)?;
+                rows.iter().map(flag_at).collect()
+            }
+
+            async fn resolve_flag(
+                &self,
+                id: i64,
+                by: Option<i64>,
+                resolution: FlagResolution,
+            ) -> Result<Flag, StoreError> {
+                let done = sqlx::query(
+                    "UPDATE moderation_flags SET resolved_at = $2, resolved_by = $3, resolution = $4 \
+                     WHERE id = $1 AND resolved_at IS NULL",
+                )
+                .bind(id)
+                .bind(now_ms())
+                .bind(by)
+                .bind(resolution.as_str())
+                .execute(&self.writer)
+                .await
+                .map_err(db_err)?;
+                let flag = self.flag(id).await?.ok_or(StoreError::NotFound)?;
+                if done.rows_affected() == 0 {
+                    return Err(StoreError::Conflict("the flag is already resolved".into()));
+                }
+                Ok(flag)
+            }
+
+            async fn resolve_message_flags(
+                &self,
+                message_id: i64,
+                by: Option<i64>,
+                resolution: FlagResolution,
+            ) -> Result<u64, StoreError> {
+                let done = sqlx::query(
+                    "UPDATE moderation_flags SET resolved_at = $2, resolved_by = $3, resolution = $4 \
+                     WHERE message_id = $1 AND resolved_at IS NULL",
+                )
+                .bind(message_id)
+                .bind(now_ms())
+                .bind(by)
+                .bind(resolution.as_str())
+                .execute(&self.writer)
+                .await
+                .map_err(db_err)?;
+                Ok(done.rows_affected())
+            }
+
+            async fn set_ban(&self, user_id: i64, ban: NewBan) -> Result<Ban, StoreError> {
+                check_text("reason", &ban.reason)?;
+                let created_at = now_ms();
+                // An unknown user fails the foreign key: NotFound.
+                sqlx::query(
+                    "INSERT INTO user_bans (user_id, until_at, reason, created_by, created_at) \
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (user_id) DO UPDATE SET \
+                     until_at = excluded.until_at, reason = excluded.reason, \
+                     created_by = excluded.created_by, created_at = excluded.created_at",
+                )
+                .bind(user_id)
+                .bind(ban.until)
+                .bind(&ban.reason)
+                .bind(ban.created_by)
+                .bind(created_at)
+                .execute(&self.writer)
+                .await
+                .map_err(db_err)?;
+                Ok(Ban {
+                    user_id,
+                    until: ban.until,
+                    reason: ban.reason,
+                    created_by: ban.created_by,
+                    created_at,
+                })
+            }
+
+            async fn lift_ban(&self, user_id: i64) -> Result<bool, StoreError> {
+                let done = sqlx::query("DELETE FROM user_bans WHERE user_id = $1")
+                    .bind(user_id)
+                    .execute(&self.writer)
+                    .await
+                    .map_err(db_err)?;
+                Ok(done.rows_affected() > 0)
+            }
+
+            async fn ban(&self, user_id: i64) -> Result<Option<Ban>, StoreError> {
+                let row = sqlx::query(concat!(
+                    "SELECT ", ban_cols!(""), " FROM user_bans WHERE user_id = $1"
+                ))
+                .bind(user_id)
+                .fetch_optional(&self.reader)
+                .await
+                .map_err(db_err)?;
+                match row {
+                    Some(r) => opt_ban_at(&r, 0),
+                    None => Ok(None),
+                }
             }
         }
     };

@@ -8,7 +8,8 @@ use crate::StoreError;
 /// The largest page any listing returns, whatever `limit` asks for.
 pub const MAX_PAGE: u32 = 10_000;
 
-/// Durable storage for accounts, rooms, the rooms' message streams and the audit log.
+/// Durable storage for accounts, rooms, the rooms' message streams, moderation (flags and
+/// bans) and the audit log.
 ///
 /// Implemented over SQLite and PostgreSQL with identical behaviour (one test suite runs
 /// against both). Object safe: the server holds an `Arc<dyn Store>` chosen by [`crate::open`].
@@ -150,6 +151,45 @@ pub trait Store: Send + Sync + 'static {
     async fn message(&self, id: i64) -> Result<Option<Message>, StoreError>;
     /// A page of messages for REST history, including deleted and removed ones (flagged).
     async fn messages(&self, room_id: i64, page: MessagePage) -> Result<Vec<Message>, StoreError>;
+
+    // ----- moderation -----
+
+    /// The member and any ban of the user, in one read: what a send checks. `None` if not a
+    /// member. The ban is returned whether or not it is still in force.
+    async fn sender(
+        &self,
+        room_id: i64,
+        user_id: i64,
+    ) -> Result<Option<(Member, Option<Ban>)>, StoreError>;
+
+    /// Stores flags in one transaction; returns how many.
+    async fn add_flags(&self, flags: Vec<NewFlag>) -> Result<u64, StoreError>;
+    async fn flag(&self, id: i64) -> Result<Option<Flag>, StoreError>;
+    /// Flags with their messages, newest first. Flags whose message is gone (a deleted room)
+    /// are left out.
+    async fn flags(&self, query: FlagQuery) -> Result<Vec<Flag>, StoreError>;
+    /// Settles one open flag. `NotFound` if absent, `Conflict` if already resolved.
+    async fn resolve_flag(
+        &self,
+        id: i64,
+        by: Option<i64>,
+        resolution: FlagResolution,
+    ) -> Result<Flag, StoreError>;
+    /// Settles every open flag of a message; returns how many.
+    async fn resolve_message_flags(
+        &self,
+        message_id: i64,
+        by: Option<i64>,
+        resolution: FlagResolution,
+    ) -> Result<u64, StoreError>;
+
+    /// Bans a user from sending anywhere, replacing any earlier ban. `NotFound` if there is
+    /// no such user.
+    async fn set_ban(&self, user_id: i64, ban: NewBan) -> Result<Ban, StoreError>;
+    /// Lifts a ban; true if there was one.
+    async fn lift_ban(&self, user_id: i64) -> Result<bool, StoreError>;
+    /// The user's ban, in force or expired.
+    async fn ban(&self, user_id: i64) -> Result<Option<Ban>, StoreError>;
 
     // ----- audit -----
 

@@ -64,6 +64,7 @@ on_both! {
         batch_with_duplicates_and_failures,
         events_and_paging,
         edits_deletes_and_moderation,
+        flags_and_bans,
         unread_counts,
         message_pages,
         sql_and_html_round_trip_byte_exact,

@@ -14,6 +14,7 @@ pub mod admin;
 pub mod auth;
 pub mod error;
 pub mod extract;
+pub mod moderation;
 pub mod openapi;
 pub mod rooms;
 pub mod users;
@@ -26,4 +27,5 @@ pub fn routes() -> Router<Arc<Node>> {
         .merge(admin::routes())
         .merge(openapi::routes())
         .merge(rooms::routes())
+        .merge(moderation::routes())
 }

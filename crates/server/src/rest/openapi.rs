@@ -296,6 +296,15 @@ pub fn schemas() -> Value {
     })
 }
 
+/// `schemas()` plus those of route modules that keep their own.
+fn all_schemas() -> Value {
+    let mut all = schemas();
+    if let (Some(all), Value::Object(more)) = (all.as_object_mut(), super::moderation::schemas()) {
+        all.extend(more);
+    }
+    all
+}
+
 fn schema_ref(name: &str) -> Value {
     json!({"$ref": format!("#/components/schemas/{name}")})
 }
@@ -384,10 +393,16 @@ fn operation(op: &Op) -> Value {
     v
 }
 
+/// Every documented operation: this module's table and those of route modules that keep
+/// their own (moderation).
+fn all_ops() -> impl Iterator<Item = &'static Op> {
+    OPS.iter().chain(super::moderation::OPS)
+}
+
 /// The whole document.
 pub fn document() -> Value {
     let mut paths = Map::new();
-    for op in OPS {
+    for op in all_ops() {
         let item = paths
             .entry(op.path.to_string())
             .or_insert_with(|| json!({}));
@@ -402,7 +417,7 @@ pub fn document() -> Value {
         },
         "paths": paths,
         "components": {
-            "schemas": schemas(),
+            "schemas": all_schemas(),
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
         },
     })
@@ -433,7 +448,7 @@ mod tests {
             assert!(schemas.contains_key(name), "missing schema {name}");
         }
         let mut seen = std::collections::HashSet::new();
-        for op in OPS {
+        for op in all_ops() {
             assert!(
                 seen.insert((op.method, op.path)),
                 "{} {} twice",

@@ -682,6 +682,181 @@ pub async fn edits_deletes_and_moderation(store: Arc<dyn Store>) {
     assert_eq!(kinds, vec![Message, Removed, Restored, Edit, Delete]);
 }
 
+pub async fn flags_and_bans(store: Arc<dyn Store>) {
+    let alice = user(&store, "alice").await;
+    let moderator = user(&store, "mod").await;
+    let r = room(&store, alice.id, RoomKind::Public).await;
+    let other = room(&store, alice.id, RoomKind::Public).await;
+    let m1 = send(&store, msg(r.id, alice.id, "f1", "spam spam"))
+        .await
+        .message;
+    let m2 = send(&store, msg(r.id, alice.id, "f2", "spam spam"))
+        .await
+        .message;
+    let m3 = send(&store, msg(other.id, alice.id, "f3", "elsewhere"))
+        .await
+        .message;
+    let flag = |m: &Message, reason: &str| NewFlag {
+        message_id: m.id,
+        room_id: m.room_id,
+        user_id: m.user_id,
+        reason: reason.into(),
+        detail: json!({"count": 2}),
+    };
+    assert_eq!(store.add_flags(vec![]).await.unwrap(), 0);
+    let n = store
+        .add_flags(vec![
+            flag(&m1, "repeat"),
+            flag(&m2, "repeat"),
+            flag(&m3, "links"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(n, 3);
+
+    // Newest first, per room or everywhere, with the message (text included).
+    let in_room = store
+        .flags(FlagQuery {
+            room_id: Some(r.id),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let ids: Vec<i64> = in_room.iter().map(|f| f.message_id).collect();
+    assert_eq!(ids, vec![m2.id, m1.id]);
+    assert_eq!(in_room[0].reason, "repeat");
+    assert_eq!(in_room[0].detail, json!({"count": 2}));
+    assert_eq!(in_room[0].message.as_ref().unwrap().text, "spam spam");
+    assert_eq!(in_room[0].resolution, None);
+    let all = store
+        .flags(FlagQuery {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 3);
+    let older = store
+        .flags(FlagQuery {
+            before_id: Some(all[0].id),
+            limit: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(older.len(), 1);
+    assert_eq!(older[0].id, all[1].id);
+
+    // Resolving: one flag, then a message's open flags; resolved flags leave the open list.
+    let dismissed = store
+        .resolve_flag(in_room[0].id, Some(moderator.id), FlagResolution::Dismissed)
+        .await
+        .unwrap();
+    assert_eq!(dismissed.resolution, Some(FlagResolution::Dismissed));
+    assert_eq!(dismissed.resolved_by, Some(moderator.id));
+    assert!(dismissed.resolved_at.is_some());
+    let err = store
+        .resolve_flag(in_room[0].id, None, FlagResolution::Dismissed)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    let err = store
+        .resolve_flag(i64::MAX / 2, None, FlagResolution::Dismissed)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound), "{err:?}");
+    let n = store
+        .resolve_message_flags(m1.id, None, FlagResolution::Removed)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    let open = store
+        .flags(FlagQuery {
+            room_id: Some(r.id),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(open.is_empty(), "{open:?}");
+    let resolved = store
+        .flags(FlagQuery {
+            room_id: Some(r.id),
+            include_resolved: true,
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(resolved.len(), 2);
+    assert_eq!(resolved[1].resolution, Some(FlagResolution::Removed));
+    assert_eq!(
+        store.flag(resolved[1].id).await.unwrap().unwrap(),
+        resolved[1]
+    );
+
+    // Flags of a deleted room drop out of listings.
+    store.delete_room(other.id).await.unwrap();
+    let all = store
+        .flags(FlagQuery {
+            include_resolved: true,
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 2);
+
+    // Bans: set, replace, read with the membership, lift.
+    let (member, ban) = store.sender(r.id, alice.id).await.unwrap().unwrap();
+    assert_eq!((member.user_id, ban), (alice.id, None));
+    assert!(store.sender(r.id, moderator.id).await.unwrap().is_none());
+    let b = store
+        .set_ban(
+            alice.id,
+            NewBan {
+                until: Some(now_ms() + 60_000),
+                reason: "spam".into(),
+                created_by: Some(moderator.id),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(b.active_at(now_ms()));
+    assert!(!b.active_at(now_ms() + 120_000));
+    assert_eq!(store.ban(alice.id).await.unwrap(), Some(b.clone()));
+    let forever = store
+        .set_ban(
+            alice.id,
+            NewBan {
+                until: None,
+                reason: "again".into(),
+                created_by: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert!(forever.active_at(i64::MAX));
+    let (_, ban) = store.sender(r.id, alice.id).await.unwrap().unwrap();
+    assert_eq!(ban, Some(forever));
+    let err = store
+        .set_ban(
+            i64::MAX / 2,
+            NewBan {
+                until: None,
+                reason: String::new(),
+                created_by: None,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound), "{err:?}");
+    assert!(store.lift_ban(alice.id).await.unwrap());
+    assert!(!store.lift_ban(alice.id).await.unwrap());
+    assert_eq!(store.ban(alice.id).await.unwrap(), None);
+}
+
 pub async fn unread_counts(store: Arc<dyn Store>) {
     let alice = user(&store, "alice").await;
     let bob = user(&store, "bob").await;
