@@ -10,6 +10,8 @@
 //! - [`events`]: the wire shape of stream events, shared by live pushes and recovery.
 //! - [`moderation`]: the asynchronous checks of committed messages (profanity, word list,
 //!   spam heuristics) and the moderator actions (remove, restore, mute, ban, flags).
+//! - [`notify`]: notifications (`@mentions`, direct rooms, invites), stored and pushed on
+//!   `notifications:#{user_id}`; mentions are resolved off the hot path.
 //!
 //! ## Guarantees
 //! - A send is acknowledged only after its transaction committed (group commit: everything
@@ -25,6 +27,7 @@
 
 pub mod events;
 pub mod moderation;
+pub mod notify;
 pub mod service;
 pub mod writer;
 

@@ -8,7 +8,8 @@ use serde_json::json;
 use switchboard_hub::{Broker, BrokerError, HistoryFilter, HistoryPage};
 use switchboard_protocol::client::StreamPosition;
 use switchboard_store::{
-    Ban, EventKind, Member, MemberRole, Message, NewEvent, NewMessage, RoomEvent, Store, StoreError,
+    Ban, EventKind, Member, MemberRole, Message, NewEvent, NewMessage, NewNotification,
+    Notification, RoomEvent, Store, StoreError,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -16,6 +17,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::events;
 use crate::moderation::{self, ModerationConfig};
+use crate::notify;
 use crate::writer::{self, Job};
 
 /// Events one store read returns at most (the store's own cap).
@@ -124,12 +126,16 @@ impl Chat {
             tracker.spawn(pipeline.run(shutdown.clone()));
             queue
         });
+        let (mentions, mention_task) =
+            notify::start(store.clone(), broker.clone(), shutdown.clone());
+        tracker.spawn(mention_task);
         tracker.spawn(writer::run(
             store.clone(),
             broker.clone(),
             rx,
             shutdown,
             moderation,
+            mentions,
         ));
         Chat {
             inner: Arc::new(Inner {
@@ -300,6 +306,18 @@ impl Chat {
         };
         let e = self.submit(Job::Event(event, tx), rx).await?;
         e.message.ok_or(ChatError::NotFound)
+    }
+
+    /// Stores notifications (one transaction) and pushes each on its user's
+    /// `notifications:#{user_id}` channel. For rare, explicit actions (a new direct room, an
+    /// invite); mentions take the writer's asynchronous path (see [`crate::notify`]).
+    pub async fn notify(
+        &self,
+        notifications: Vec<NewNotification>,
+    ) -> Result<Vec<Notification>, ChatError> {
+        let stored = self.inner.store.add_notifications(notifications).await?;
+        notify::push(&self.inner.broker, &stored).await;
+        Ok(stored)
     }
 
     /// Marks the room read up to `offset` and tells the room. Returns the stored position.

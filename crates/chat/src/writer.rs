@@ -12,6 +12,8 @@
 //! **Moderation:** after a batch is broadcast, its new messages (and each edit) are offered
 //! to the moderation queue with a non-blocking `try_reserve`; a full queue drops the check
 //! (counted), so moderation never delays a send (see [`crate::moderation`]).
+//! **Mentions:** likewise, after the broadcast, new messages containing `@` are offered to
+//! the mention queue (`try_reserve`, never waited on; see [`crate::notify`]).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -25,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::events;
 use crate::moderation;
+use crate::notify::MentionQueue;
 
 /// Jobs waiting for the writer.
 pub const QUEUE: usize = 8192;
@@ -49,6 +52,7 @@ pub(crate) async fn run(
     mut rx: mpsc::Receiver<Job>,
     shutdown: CancellationToken,
     moderation: Option<moderation::Queue>,
+    mentions: MentionQueue,
 ) {
     let mut pending: Option<Job> = None;
     loop {
@@ -101,6 +105,10 @@ pub(crate) async fn run(
                     for r in results.iter().flatten().filter(|r| !r.duplicate) {
                         q.offer(&r.message, committed, false);
                     }
+                }
+                // A byte scan for '@' and, for messages that have one, a non-blocking hand-off.
+                for r in results.iter().flatten().filter(|r| !r.duplicate) {
+                    mentions.offer(&r.message);
                 }
                 for (reply, result) in replies.into_iter().zip(results) {
                     let _ = reply.send(result);

@@ -428,6 +428,24 @@ impl Config {
                 history_size: 0,
                 ..Default::default()
             });
+        // Personal notification channels `notifications:#{user_id}` (only that user may
+        // subscribe): pushed by the server only, ephemeral (the durable list is
+        // `GET /v1/notifications`), no presence, no join/leave, no history.
+        cfg.namespaces
+            .entry("notifications".into())
+            .or_insert_with(|| NamespaceOptions {
+                presence: false,
+                join_leave: false,
+                history_size: 0,
+                allow_recovery: false,
+                allow_publish_for_subscriber: false,
+                allow_publish_for_client: false,
+                allow_presence_for_client: false,
+                allow_presence_for_subscriber: false,
+                allow_history_for_client: false,
+                allow_history_for_subscriber: false,
+                ..Default::default()
+            });
         cfg.validate()?;
         Ok(cfg)
     }
@@ -579,6 +597,12 @@ mod tests {
         assert_eq!(cfg.client.max_channels, 9);
         let chat = cfg.namespace("chat:1").unwrap();
         assert_eq!((chat.history_size, chat.presence), (7, false));
+        let notes = cfg.namespace("notifications:#1").unwrap();
+        assert_eq!(
+            (notes.history_size, notes.presence, notes.join_leave),
+            (0, false, false)
+        );
+        assert!(!notes.allow_publish_for_client && !notes.allow_publish_for_subscriber);
         assert!(cfg.namespace("nope:1").is_none());
         assert!(cfg.namespace("plain").is_some());
     }

@@ -12,6 +12,7 @@
 //! - [`conn`]: one task per client connection; [`conn::outbound`] is the direct-write,
 //!   bounded outbound path the fan-out uses.
 //! - [`chat`]: the chat service on the wire: the `chat` namespace's owner and `chat.*` RPCs.
+//! - [`presence`]: per-user online state and the `last_seen` writer.
 //! - [`api`]: the Centrifugo-compatible server HTTP API.
 //! - [`rest`]: the `/v1` REST API (accounts, rooms, messages).
 //! - [`ws`]: upgrade checks and server-side WebSocket framing.
@@ -25,6 +26,7 @@ pub mod config;
 pub mod conn;
 pub mod metrics;
 pub mod node;
+pub mod presence;
 pub mod rest;
 pub mod server;
 pub mod testing;

@@ -113,8 +113,10 @@ pub struct Node {
     pub started: Instant,
     /// Local clients by client id.
     pub clients: DashMap<Arc<str>, (String, Arc<Conn>)>,
-    /// Local client ids by user id.
+    /// Local client ids by user id: a user is online (on this node) while it is here.
     pub users: DashMap<String, Vec<Arc<str>>>,
+    /// Records `last_seen` when a user's last connection closes (see [`crate::presence`]).
+    pub last_seen: crate::presence::LastSeen,
     pub connections: AtomicUsize,
     rpc: RwLock<HashMap<String, Arc<dyn RpcHandler>>>,
     /// Services owning namespaces, by namespace name.
@@ -154,6 +156,7 @@ impl Node {
             &tasks,
             shutdown.clone(),
         );
+        let last_seen = crate::presence::LastSeen::start(store.clone(), &tasks, shutdown.clone());
         Ok(Arc::new(Node {
             config,
             hub,
@@ -166,6 +169,7 @@ impl Node {
             started: Instant::now(),
             clients: DashMap::new(),
             users: DashMap::new(),
+            last_seen,
             connections: AtomicUsize::new(0),
             rpc: RwLock::new(HashMap::new()),
             owners: RwLock::new(HashMap::new()),
@@ -219,10 +223,14 @@ impl Node {
 
     pub(crate) fn remove_client(&self, user: &str, id: &str) {
         self.clients.remove(id);
-        self.users.remove_if_mut(user, |_, ids| {
+        let last = self.users.remove_if_mut(user, |_, ids| {
             ids.retain(|c| &**c != id);
             ids.is_empty()
         });
+        if last.is_some() {
+            // Never blocks: a bounded hand-off to the last_seen writer.
+            self.last_seen.offline(user);
+        }
     }
 
     /// The connections of `user` (all of them, or only `client`).

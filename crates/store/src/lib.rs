@@ -1,6 +1,6 @@
 //! Durable storage for Switchboard: accounts, rooms, each room's ordered message stream,
-//! moderation flags and bans, and the audit log, behind one [`Store`] trait with a SQLite and
-//! a PostgreSQL backend.
+//! moderation flags and bans, notifications and users' `last_seen`, and the audit log,
+//! behind one [`Store`] trait with a SQLite and a PostgreSQL backend.
 //!
 //! # Layout
 //! - [`store`](Store): the trait, the only thing the rest of the server depends on.

@@ -26,6 +26,11 @@ const SQLITE: &[(i64, &str, &str)] = &[
         "moderation",
         include_str!("../migrations/sqlite/0002_moderation.sql"),
     ),
+    (
+        3,
+        "notifications",
+        include_str!("../migrations/sqlite/0003_notifications.sql"),
+    ),
 ];
 
 const POSTGRES: &[(i64, &str, &str)] = &[
@@ -38,6 +43,11 @@ const POSTGRES: &[(i64, &str, &str)] = &[
         2,
         "moderation",
         include_str!("../migrations/postgres/0002_moderation.sql"),
+    ),
+    (
+        3,
+        "notifications",
+        include_str!("../migrations/postgres/0003_notifications.sql"),
     ),
 ];
 

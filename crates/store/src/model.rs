@@ -362,3 +362,62 @@ pub struct NewBan {
     pub reason: String,
     pub created_by: Option<i64>,
 }
+
+text_enum! {
+    /// What a notification is about.
+    NotificationKind {
+        /// `@username` in a message of a room the user is a member of.
+        Mention = "mention",
+        /// Someone opened a direct room with the user.
+        Direct = "direct",
+        /// Someone added the user to a room.
+        Invite = "invite",
+    }
+}
+
+/// A notification to store for one user.
+#[derive(Debug, Clone)]
+pub struct NewNotification {
+    pub user_id: i64,
+    pub kind: NotificationKind,
+    pub room_id: Option<i64>,
+    pub message_id: Option<i64>,
+    /// Who caused it (the author, the room's creator, the inviter).
+    pub actor_id: Option<i64>,
+    /// Detail for display (an excerpt, the room's name), as a JSON object; `Null` for none.
+    pub data: serde_json::Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notification {
+    pub id: i64,
+    pub user_id: i64,
+    pub kind: NotificationKind,
+    pub room_id: Option<i64>,
+    pub message_id: Option<i64>,
+    pub actor_id: Option<i64>,
+    pub data: serde_json::Value,
+    pub created_at: i64,
+    /// When the user marked it read; `None` while unread.
+    pub read_at: Option<i64>,
+}
+
+/// Which notifications [`crate::Store::notifications`] lists: one user's, newest first.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NotificationQuery {
+    pub user_id: i64,
+    /// Only those not yet read.
+    pub unread_only: bool,
+    /// Only ids below this one (paging).
+    pub before_id: Option<i64>,
+    pub limit: u32,
+}
+
+/// Which of a user's notifications to mark read.
+#[derive(Debug, Clone)]
+pub enum MarkRead {
+    /// These ids (ids of other users' notifications are ignored).
+    Ids(Vec<i64>),
+    /// Every unread one.
+    All,
+}

@@ -975,6 +975,191 @@ macro_rules! sql_store {
                 rows.iter().map(|r| message_at(r, 0)).collect()
             }
 
+            async fn add_notifications(
+                &self,
+                notifications: Vec<NewNotification>,
+            ) -> Result<Vec<Notification>, StoreError> {
+                if notifications.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let created_at = now_ms();
+                let mut out = Vec::with_capacity(notifications.len());
+                let mut tx = self.begin_write().await?;
+                for n in notifications {
+                    let data = match n.data {
+                        serde_json::Value::Null => serde_json::json!({}),
+                        d => d,
+                    };
+                    let text = data.to_string();
+                    check_text("data", &text)?;
+                    // An unknown user fails the foreign key: NotFound.
+                    let id: i64 = sqlx::query_scalar(
+                        "INSERT INTO notifications \
+                         (user_id, kind, room_id, message_id, actor_id, data, created_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+                    )
+                    .bind(n.user_id)
+                    .bind(n.kind.as_str())
+                    .bind(n.room_id)
+                    .bind(n.message_id)
+                    .bind(n.actor_id)
+                    .bind(text)
+                    .bind(created_at)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+                    out.push(Notification {
+                        id,
+                        user_id: n.user_id,
+                        kind: n.kind,
+                        room_id: n.room_id,
+                        message_id: n.message_id,
+                        actor_id: n.actor_id,
+                        data,
+                        created_at,
+                        read_at: None,
+                    });
+                }
+                tx.commit().await.map_err(db_err)?;
+                Ok(out)
+            }
+
+            async fn notifications(
+                &self,
+                q: NotificationQuery,
+            ) -> Result<Vec<Notification>, StoreError> {
+                let rows = sqlx::query(
+                    "SELECT id, user_id, kind, room_id, message_id, actor_id, data, created_at, \
+                     read_at FROM notifications WHERE user_id = $1 \
+                     AND ($2 = FALSE OR read_at IS NULL) AND ($3 IS NULL OR id < $3) \
+                     ORDER BY id DESC LIMIT $4",
+                )
+                .bind(q.user_id)
+                .bind(q.unread_only)
+                .bind(q.before_id)
+                .bind(page(q.limit))
+                .fetch_all(&self.reader)
+                .await
+                .map_err(db_err)?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(Notification {
+                            id: get(r, 0)?,
+                            user_id: get(r, 1)?,
+                            kind: parse_stored(get::<&str>(r, 2)?)?,
+                            room_id: get(r, 3)?,
+                            message_id: get(r, 4)?,
+                            actor_id: get(r, 5)?,
+                            data: parse_json(get::<&str>(r, 6)?)?,
+                            created_at: get(r, 7)?,
+                            read_at: get(r, 8)?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn mark_notifications_read(
+                &self,
+                user_id: i64,
+                which: MarkRead,
+            ) -> Result<u64, StoreError> {
+                let now = now_ms();
+                match which {
+                    MarkRead::All => {
+                        let done = sqlx::query(
+                            "UPDATE notifications SET read_at = $2 \
+                             WHERE user_id = $1 AND read_at IS NULL",
+                        )
+                        .bind(user_id)
+                        .bind(now)
+                        .execute(&self.writer)
+                        .await
+                        .map_err(db_err)?;
+                        Ok(done.rows_affected())
+                    }
+                    MarkRead::Ids(ids) => {
+                        if ids.is_empty() {
+                            return Ok(0);
+                        }
+                        let mut n = 0;
+                        let mut tx = self.begin_write().await?;
+                        for id in ids {
+                            let done = sqlx::query(
+                                "UPDATE notifications SET read_at = $3 \
+                                 WHERE id = $1 AND user_id = $2 AND read_at IS NULL",
+                            )
+                            .bind(id)
+                            .bind(user_id)
+                            .bind(now)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db_err)?;
+                            n += done.rows_affected();
+                        }
+                        tx.commit().await.map_err(db_err)?;
+                        Ok(n)
+                    }
+                }
+            }
+
+            async fn member_ids_by_username(
+                &self,
+                room_id: i64,
+                usernames: &[String],
+            ) -> Result<Vec<i64>, StoreError> {
+                let mut ids = Vec::new();
+                for name in usernames {
+                    if check_text("username", name).is_err() {
+                        continue;
+                    }
+                    let id: Option<i64> = sqlx::query_scalar(
+                        "SELECT u.id FROM users u JOIN room_members rm \
+                         ON rm.user_id = u.id AND rm.room_id = $1 WHERE u.username = $2",
+                    )
+                    .bind(room_id)
+                    .bind(name)
+                    .fetch_optional(&self.reader)
+                    .await
+                    .map_err(db_err)?;
+                    if let Some(id) = id {
+                        if !ids.contains(&id) {
+                            ids.push(id);
+                        }
+                    }
+                }
+                Ok(ids)
+            }
+
+            async fn set_last_seen(&self, seen: Vec<(i64, i64)>) -> Result<(), StoreError> {
+                if seen.is_empty() {
+                    return Ok(());
+                }
+                let mut tx = self.begin_write().await?;
+                for (user_id, at) in seen {
+                    sqlx::query(
+                        "UPDATE users SET last_seen = $2 \
+                         WHERE id = $1 AND (last_seen IS NULL OR last_seen < $2)",
+                    )
+                    .bind(user_id)
+                    .bind(at)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+                }
+                tx.commit().await.map_err(db_err)?;
+                Ok(())
+            }
+
+            async fn last_seen(&self, user_id: i64) -> Result<Option<i64>, StoreError> {
+                let row: Option<Option<i64>> =
+                    sqlx::query_scalar("SELECT last_seen FROM users WHERE id = $1")
+                        .bind(user_id)
+                        .fetch_optional(&self.reader)
+                        .await
+                        .map_err(db_err)?;
+                row.ok_or(StoreError::NotFound)
+            }
+
             async fn append_audit(&self, entry: NewAudit) -> Result<AuditEntry, StoreError> {
                 check_text("action", &entry.action)?;
                 check_text("target", &entry.target)?;

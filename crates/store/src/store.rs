@@ -9,7 +9,7 @@ use crate::StoreError;
 pub const MAX_PAGE: u32 = 10_000;
 
 /// Durable storage for accounts, rooms, the rooms' message streams, moderation (flags and
-/// bans) and the audit log.
+/// bans), notifications, presence (`last_seen`) and the audit log.
 ///
 /// Implemented over SQLite and PostgreSQL with identical behaviour (one test suite runs
 /// against both). Object safe: the server holds an `Arc<dyn Store>` chosen by [`crate::open`].
@@ -190,6 +190,39 @@ pub trait Store: Send + Sync + 'static {
     async fn lift_ban(&self, user_id: i64) -> Result<bool, StoreError>;
     /// The user's ban, in force or expired.
     async fn ban(&self, user_id: i64) -> Result<Option<Ban>, StoreError>;
+
+    // ----- notifications and presence -----
+
+    /// Stores notifications in one transaction and returns them with their ids, in input
+    /// order. `NotFound` (nothing stored) if a user does not exist.
+    async fn add_notifications(
+        &self,
+        notifications: Vec<NewNotification>,
+    ) -> Result<Vec<Notification>, StoreError>;
+    /// One user's notifications, newest first.
+    async fn notifications(
+        &self,
+        query: NotificationQuery,
+    ) -> Result<Vec<Notification>, StoreError>;
+    /// Marks the user's notifications read (those already read keep their time); returns
+    /// how many changed. Ids of other users' notifications are ignored.
+    async fn mark_notifications_read(
+        &self,
+        user_id: i64,
+        which: MarkRead,
+    ) -> Result<u64, StoreError>;
+    /// The ids of the room's members whose usernames are among `usernames` (exact match:
+    /// pass them normalized). For resolving `@mentions`.
+    async fn member_ids_by_username(
+        &self,
+        room_id: i64,
+        usernames: &[String],
+    ) -> Result<Vec<i64>, StoreError>;
+    /// Records when users were last seen, `(user_id, at)`, in one transaction; a time
+    /// never moves backward, and unknown users are skipped.
+    async fn set_last_seen(&self, seen: Vec<(i64, i64)>) -> Result<(), StoreError>;
+    /// When the user was last seen (`None`: never). `NotFound` if there is no such user.
+    async fn last_seen(&self, user_id: i64) -> Result<Option<i64>, StoreError>;
 
     // ----- audit -----
 

@@ -69,6 +69,7 @@ on_both! {
         message_pages,
         sql_and_html_round_trip_byte_exact,
         audit_log_order,
+        notifications_and_last_seen,
         closed_store_is_unavailable,
         throughput,
     ],

@@ -1,4 +1,4 @@
-//! The `/v1` REST API: accounts, rooms, messages. Every route is listed in `routes()`.
+//! The `/v1` REST API: accounts, rooms, messages, moderation, notifications and presence. Every route is listed in `routes()`.
 //!
 //! Errors are [`error::ApiError`]: 400, 401, 403, 404, 409 (and 429, 503) with a JSON body that
 //! says what is wrong. Callers authenticate with [`extract::AuthUser`]. Every route is
@@ -15,6 +15,7 @@ pub mod auth;
 pub mod error;
 pub mod extract;
 pub mod moderation;
+pub mod notifications;
 pub mod openapi;
 pub mod rooms;
 pub mod users;
@@ -28,4 +29,5 @@ pub fn routes() -> Router<Arc<Node>> {
         .merge(openapi::routes())
         .merge(rooms::routes())
         .merge(moderation::routes())
+        .merge(notifications::routes())
 }

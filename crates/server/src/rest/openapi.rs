@@ -299,8 +299,13 @@ pub fn schemas() -> Value {
 /// `schemas()` plus those of route modules that keep their own.
 fn all_schemas() -> Value {
     let mut all = schemas();
-    if let (Some(all), Value::Object(more)) = (all.as_object_mut(), super::moderation::schemas()) {
-        all.extend(more);
+    for more in [
+        super::moderation::schemas(),
+        super::notifications::schemas(),
+    ] {
+        if let (Some(all), Value::Object(more)) = (all.as_object_mut(), more) {
+            all.extend(more);
+        }
     }
     all
 }
@@ -394,9 +399,11 @@ fn operation(op: &Op) -> Value {
 }
 
 /// Every documented operation: this module's table and those of route modules that keep
-/// their own (moderation).
+/// their own (moderation, notifications).
 fn all_ops() -> impl Iterator<Item = &'static Op> {
-    OPS.iter().chain(super::moderation::OPS)
+    OPS.iter()
+        .chain(super::moderation::OPS)
+        .chain(super::notifications::OPS)
 }
 
 /// The whole document.
@@ -413,7 +420,7 @@ pub fn document() -> Value {
         "info": {
             "title": "Switchboard REST API",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "Accounts, rooms and messages. Errors are JSON: {\"error\": {\"code\", \"message\"}}. Access tokens come from /v1/auth/login and are also connection tokens for the WebSocket endpoint.",
+            "description": "Accounts, rooms, messages, moderation, notifications and presence. Errors are JSON: {\"error\": {\"code\", \"message\"}}. Access tokens come from /v1/auth/login and are also connection tokens for the WebSocket endpoint.",
         },
         "paths": paths,
         "components": {

@@ -17,7 +17,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use switchboard_chat::events::message_view;
 use switchboard_chat::{Chat, ChatError, Send};
-use switchboard_store::{MemberRole, MessagePage, NewAudit, NewRoom, Room, RoomKind};
+use switchboard_store::{
+    MemberRole, MessagePage, NewAudit, NewNotification, NewRoom, NotificationKind, Room, RoomKind,
+};
 
 use crate::conn::Control;
 use crate::node::Node;
@@ -82,6 +84,29 @@ async fn require(
     }
 }
 
+/// Stores and pushes a `direct` or `invite` notification for each of `users`. The room
+/// change already happened, so a failure is logged, not returned.
+async fn notify(node: &Node, room: &Room, actor: i64, kind: NotificationKind, users: &[i64]) {
+    let notes: Vec<NewNotification> = users
+        .iter()
+        .filter(|&&u| u != actor)
+        .map(|&u| NewNotification {
+            user_id: u,
+            kind,
+            room_id: Some(room.id),
+            message_id: None,
+            actor_id: Some(actor),
+            data: json!({"room_name": room.name, "room_kind": room.kind}),
+        })
+        .collect();
+    if notes.is_empty() {
+        return;
+    }
+    if let Err(e) = node.chat.notify(notes).await {
+        tracing::warn!(room = room.id, error = %e, "room notification failed");
+    }
+}
+
 #[derive(Deserialize)]
 struct CreateRoom {
     kind: RoomKind,
@@ -123,6 +148,7 @@ async fn create(
             created_by: me,
         })
         .await?;
+    let mut added = Vec::new();
     for other in req.members.iter().filter(|&&u| u != me) {
         if node.store.user_by_id(*other).await?.is_none() {
             return Err(ApiError::BadRequest(format!("unknown user {other}")));
@@ -130,7 +156,14 @@ async fn create(
         node.store
             .add_member(room.id, *other, MemberRole::Member)
             .await?;
+        added.push(*other);
     }
+    let kind = if room.kind == RoomKind::Direct {
+        NotificationKind::Direct
+    } else {
+        NotificationKind::Invite
+    };
+    notify(&node, &room, me, kind, &added).await;
     Ok((StatusCode::CREATED, Json(room_json(&room))).into_response())
 }
 
@@ -262,6 +295,14 @@ async fn invite(
         .store
         .add_member(id, req.user_id, MemberRole::Member)
         .await?;
+    notify(
+        &node,
+        &room,
+        user.id(),
+        NotificationKind::Invite,
+        &[req.user_id],
+    )
+    .await;
     Ok(Json(json!({ "member": member })))
 }
 

@@ -1230,3 +1230,143 @@ pub async fn throughput(store: Arc<dyn Store>) {
         secs * 1000.0 / SINGLES as f64
     );
 }
+
+pub async fn notifications_and_last_seen(store: Arc<dyn Store>) {
+    let alice = user(&store, "alice").await;
+    let bob = user(&store, "bob").await;
+    let carol = user(&store, "carol").await;
+    let r = room(&store, alice.id, RoomKind::Private).await;
+    store
+        .add_member(r.id, bob.id, MemberRole::Member)
+        .await
+        .unwrap();
+
+    // Mentions resolve only the room's members, by exact (normalized) username.
+    let names = vec![
+        "bob".to_owned(),
+        "carol".to_owned(),
+        "nobody".to_owned(),
+        "bob".to_owned(),
+        "a\0b".to_owned(),
+    ];
+    let ids = store.member_ids_by_username(r.id, &names).await.unwrap();
+    assert_eq!(ids, vec![bob.id]);
+
+    assert!(store.add_notifications(vec![]).await.unwrap().is_empty());
+    let note = |user_id: i64, kind: NotificationKind, n: i64| NewNotification {
+        user_id,
+        kind,
+        room_id: Some(r.id),
+        message_id: Some(n),
+        actor_id: Some(alice.id),
+        data: json!({"text": format!("<b>'{n}'</b>")}),
+    };
+    let stored = store
+        .add_notifications(vec![
+            note(bob.id, NotificationKind::Mention, 1),
+            note(bob.id, NotificationKind::Invite, 2),
+            note(carol.id, NotificationKind::Direct, 3),
+            note(bob.id, NotificationKind::Mention, 4),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 4);
+    assert!(stored.windows(2).all(|w| w[0].id < w[1].id));
+    assert!(stored.iter().all(|n| n.read_at.is_none()));
+
+    // An unknown user stores nothing at all.
+    let err = store
+        .add_notifications(vec![
+            note(bob.id, NotificationKind::Mention, 5),
+            note(999_999, NotificationKind::Mention, 6),
+        ])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound), "{err:?}");
+
+    let q = |unread_only: bool, before_id: Option<i64>, limit: u32| NotificationQuery {
+        user_id: bob.id,
+        unread_only,
+        before_id,
+        limit,
+    };
+    let all = store.notifications(q(false, None, 10)).await.unwrap();
+    let ids: Vec<i64> = all.iter().map(|n| n.id).collect();
+    assert_eq!(
+        ids,
+        vec![stored[3].id, stored[1].id, stored[0].id],
+        "newest first"
+    );
+    assert_eq!(all[0], stored[3], "read back exactly");
+    assert_eq!(all[1].kind, NotificationKind::Invite);
+    let page = store
+        .notifications(q(false, Some(stored[3].id), 1))
+        .await
+        .unwrap();
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0].id, stored[1].id);
+
+    // Marking read: by id (another user's id is ignored), then everything.
+    let n = store
+        .mark_notifications_read(bob.id, MarkRead::Ids(vec![stored[0].id, stored[2].id]))
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    let again = store
+        .mark_notifications_read(bob.id, MarkRead::Ids(vec![stored[0].id]))
+        .await
+        .unwrap();
+    assert_eq!(again, 0, "already read");
+    let unread = store.notifications(q(true, None, 10)).await.unwrap();
+    assert_eq!(unread.len(), 2);
+    assert!(unread.iter().all(|n| n.id != stored[0].id));
+    let n = store
+        .mark_notifications_read(bob.id, MarkRead::All)
+        .await
+        .unwrap();
+    assert_eq!(n, 2);
+    assert!(store
+        .notifications(q(true, None, 10))
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(store
+        .notifications(q(false, None, 10))
+        .await
+        .unwrap()
+        .iter()
+        .all(|n| n.read_at.is_some()));
+    // Carol's stays unread.
+    let carols = store
+        .notifications(NotificationQuery {
+            user_id: carol.id,
+            unread_only: true,
+            before_id: None,
+            limit: 10,
+        })
+        .await
+        .unwrap();
+    assert_eq!(carols.len(), 1);
+
+    // last_seen: never, then set, never backward; unknown users are skipped.
+    assert_eq!(store.last_seen(alice.id).await.unwrap(), None);
+    assert!(matches!(
+        store.last_seen(999_999).await,
+        Err(StoreError::NotFound)
+    ));
+    store
+        .set_last_seen(vec![(alice.id, 1_000), (bob.id, 2_000), (999_999, 5)])
+        .await
+        .unwrap();
+    store
+        .set_last_seen(vec![(alice.id, 500), (bob.id, 3_000)])
+        .await
+        .unwrap();
+    assert_eq!(store.last_seen(alice.id).await.unwrap(), Some(1_000));
+    assert_eq!(store.last_seen(bob.id).await.unwrap(), Some(3_000));
+    // The account itself is unchanged.
+    assert_eq!(
+        store.user_by_id(alice.id).await.unwrap().unwrap().username,
+        "alice"
+    );
+}
