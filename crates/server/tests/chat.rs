@@ -324,3 +324,70 @@ async fn typing_receipts_edits_and_deletes_reach_members() {
     assert_eq!(mine["rooms"][0]["unread"], 2, "{mine}");
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn deleting_a_room_is_owner_only_audited_and_ends_subscriptions() {
+    let server = TestServer::start().await;
+    let (alice, at) = user(&server, "alice").await;
+    let (bob, bt) = user(&server, "bob").await;
+    let (_, room) = rest(
+        &server,
+        &at,
+        "POST",
+        "/v1/rooms",
+        json!({"kind": "private", "name": "doomed", "members": [bob]}),
+    )
+    .await;
+    let room_id = room["id"].as_i64().unwrap();
+    let channel = room["channel"].as_str().unwrap().to_string();
+    let mut b = connect(&server, &bt).await;
+    b.call(json!({"subscribe": {"channel": channel}})).await;
+
+    let del = |token: String| {
+        let url = format!("{}/v1/rooms/{room_id}", server.http_url());
+        async move {
+            http()
+                .delete(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(del(bt.clone()).await, 403, "a member who is not the owner");
+    assert_eq!(del(at.clone()).await, 204);
+    assert_eq!(del(at.clone()).await, 404);
+
+    // Bob's subscription ends with an unsubscribe push.
+    loop {
+        match b.next_event().await {
+            common::Event::Msg(m) if m["push"]["unsubscribe"].is_object() => {
+                assert_eq!(m["push"]["channel"], channel.as_str());
+                break;
+            }
+            common::Event::Msg(_) => {}
+            other => panic!("expected an unsubscribe push, got {other:?}"),
+        }
+    }
+    let (s, _) = rest(
+        &server,
+        &bt,
+        "GET",
+        &format!("/v1/rooms/{room_id}"),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(s, 404);
+    let log = server.node().store.audit_log(None, 50).await.unwrap();
+    let entry = log
+        .iter()
+        .find(|e| e.action == "room_deleted")
+        .expect("audited");
+    assert_eq!(
+        (entry.actor_user_id, entry.target.as_str()),
+        (Some(alice), format!("room:{room_id}").as_str())
+    );
+    server.shutdown().await;
+}

@@ -103,6 +103,7 @@ pub const OPS: &[Op] = &[
     Op::new("get", "/v1/rooms", Auth::User, "My rooms, with unread counts and last messages").ok(200, "MyRooms"),
     Op::new("get", "/v1/rooms/public", Auth::User, "Public rooms by id").query(&[("after", "integer", "only rooms with a larger id"), ("limit", "integer", "1 to 200, default 50")]).ok(200, "RoomList"),
     Op::new("get", "/v1/rooms/{id}", Auth::User, "A room and its members").ok(200, "RoomWithMembers").errors(&[404]),
+    Op::new("delete", "/v1/rooms/{id}", Auth::User, "Delete a room with its messages (owner or admin; audited)").ok(204, "").errors(&[403, 404]),
     Op::new("post", "/v1/rooms/{id}/join", Auth::User, "Join a public room").ok(200, "MemberResponse").errors(&[403, 404]),
     Op::new("post", "/v1/rooms/{id}/leave", Auth::User, "Leave a room").ok(204, "").errors(&[404]),
     Op::new("post", "/v1/rooms/{id}/invite", Auth::User, "Add a member (owners and moderators)").body("UserRef").ok(200, "MemberResponse").errors(&[403, 404, 409]),

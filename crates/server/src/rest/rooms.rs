@@ -30,7 +30,7 @@ pub fn routes() -> Router<Arc<Node>> {
     Router::new()
         .route("/v1/rooms", post(create).get(mine))
         .route("/v1/rooms/public", get(public))
-        .route("/v1/rooms/{id}", get(one))
+        .route("/v1/rooms/{id}", get(one).delete(delete_room))
         .route("/v1/rooms/{id}/join", post(join))
         .route("/v1/rooms/{id}/leave", post(leave))
         .route("/v1/rooms/{id}/invite", post(invite))
@@ -222,6 +222,32 @@ async fn one(
     }
     let members = node.store.members(id).await?;
     Ok(Json(json!({"room": room_json(&room), "members": members})))
+}
+
+/// Deletes a room with its messages (owner or admin). Members' subscriptions end with an
+/// unsubscribe push; the deletion is audited.
+async fn delete_room(
+    State(node): State<Arc<Node>>,
+    user: AuthUser,
+    ApiPath(id): ApiPath<i64>,
+) -> Result<StatusCode, ApiError> {
+    let room = room(&node, id).await?;
+    if !user.is_admin() {
+        require(&node, id, user.id(), &[MemberRole::Owner]).await?;
+    }
+    let members = node.store.members(id).await?;
+    node.store.delete_room(id).await?;
+    for m in &members {
+        unsubscribe_everywhere(&node, id, m.user_id);
+    }
+    let audit = NewAudit {
+        actor_user_id: Some(user.id()),
+        action: "room_deleted".into(),
+        target: format!("room:{id}"),
+        detail: json!({ "name": room.name, "kind": room.kind, "members": members.len() }),
+    };
+    node.store.append_audit(audit).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn join(
