@@ -281,8 +281,13 @@ impl Accounts {
     /// An access token for `user_id` and its lifetime in seconds; `None` if this node cannot
     /// sign (RS256).
     pub fn access_token(&self, user_id: i64) -> Option<(String, u64)> {
+        self.access_token_for(user_id, self.config.access_token_ttl.as_secs())
+    }
+
+    /// An access token for `user_id` valid for `ttl` seconds (site tokens choose their own
+    /// lifetime); `None` if this node cannot sign (RS256).
+    pub fn access_token_for(&self, user_id: i64, ttl: u64) -> Option<(String, u64)> {
         let key = self.signer.as_ref()?;
-        let ttl = self.config.access_token_ttl.as_secs();
         let now = now_secs();
         let claims = AccessClaims {
             sub: user_id.to_string(),

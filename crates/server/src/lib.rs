@@ -29,5 +29,6 @@ pub mod node;
 pub mod presence;
 pub mod rest;
 pub mod server;
+pub mod sites;
 pub mod testing;
 pub mod ws;

@@ -118,6 +118,9 @@ pub struct Node {
     /// Records `last_seen` when a user's last connection closes (see [`crate::presence`]).
     pub last_seen: crate::presence::LastSeen,
     pub connections: AtomicUsize,
+    /// The allowed origins of every site, checked at WebSocket upgrade (reloaded from the
+    /// store when a site is created or changed; never queried per upgrade).
+    pub site_origins: crate::sites::SiteOrigins,
     rpc: RwLock<HashMap<String, Arc<dyn RpcHandler>>>,
     /// Services owning namespaces, by namespace name.
     owners: RwLock<HashMap<String, Arc<dyn ChannelOwner>>>,
@@ -171,6 +174,7 @@ impl Node {
             users: DashMap::new(),
             last_seen,
             connections: AtomicUsize::new(0),
+            site_origins: crate::sites::SiteOrigins::default(),
             rpc: RwLock::new(HashMap::new()),
             owners: RwLock::new(HashMap::new()),
             metrics,

@@ -54,7 +54,11 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
 
 async fn websocket(State(node): State<Arc<Node>>, mut req: Request) -> Response {
     let headers = req.headers();
-    if !ws::origin_allowed(&node.config.allowed_origins, headers) {
+    if !ws::origin_allowed(
+        &node.config.allowed_origins,
+        &node.site_origins.get(),
+        headers,
+    ) {
         tracing::info!(origin = ?headers.get(header::ORIGIN), "refused: origin not allowed");
         return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
     }
@@ -191,6 +195,10 @@ impl Server {
             .await
             .map_err(|e| anyhow::anyhow!("cannot open the database: {e}"))?;
         let node = Node::new(config, &secrets, store)?;
+        node.site_origins
+            .reload(&*node.store)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot read sites: {e}"))?;
         crate::chat::install(&node);
         let sweeper = node.clone();
         node.tasks.spawn(async move {
@@ -235,7 +243,7 @@ fn warn_insecure(config: &Config, secrets: &Secrets) {
         tracing::warn!("NO API KEY CONFIGURED: generated one and stored it in {dir}/api_key. Set SWITCHBOARD_API_KEY for production.");
     }
     if config.allowed_origins.is_empty() {
-        tracing::warn!("allowed_origins is empty: browsers from ANY origin may connect");
+        tracing::warn!("allowed_origins is empty: browsers from ANY origin may connect (until a site lists origins)");
     }
     let ns = &config.channel;
     if ns.allow_subscribe_for_client && ns.allow_publish_for_client && !ns.protected {

@@ -1,6 +1,8 @@
 //! WebSocket details the server needs beyond tungstenite's reader: the upgrade handshake
 //! checks and server-side frame encoding (unmasked, so one encoding serves every receiver).
 
+use std::collections::HashSet;
+
 use bytes::Bytes;
 use http::HeaderMap;
 use switchboard_protocol::codes::Disconnect;
@@ -94,10 +96,14 @@ pub fn check_upgrade(headers: &HeaderMap) -> Result<(String, Option<&'static str
     Ok((accept, protocol))
 }
 
-/// Whether a browser origin may connect. No allow-list means any; no Origin header (a
-/// non-browser client) is always allowed, since origins only protect browsers.
-pub fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
-    if allowed.is_empty() {
+/// Whether a browser origin may connect. No Origin header (a non-browser client) is always
+/// allowed, since origins only protect browsers. Otherwise the origin must be in the global
+/// `allowed` list (`"*"` allows any) or in `sites` (every site's allowed origins,
+/// lower-cased). With an empty global list and no site origins, any origin is allowed
+/// (the quick-start default); once any site lists an origin, an empty global list no longer
+/// means "any": only site origins are allowed.
+pub fn origin_allowed(allowed: &[String], sites: &HashSet<String>, headers: &HeaderMap) -> bool {
+    if allowed.is_empty() && sites.is_empty() {
         return true;
     }
     match headers
@@ -105,9 +111,12 @@ pub fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
         .and_then(|v| v.to_str().ok())
     {
         None => true,
-        Some(origin) => allowed
-            .iter()
-            .any(|a| a == "*" || a.eq_ignore_ascii_case(origin)),
+        Some(origin) => {
+            allowed
+                .iter()
+                .any(|a| a == "*" || a.eq_ignore_ascii_case(origin))
+                || sites.contains(&origin.to_ascii_lowercase())
+        }
     }
 }
 
@@ -148,9 +157,24 @@ mod tests {
         assert_eq!(check_upgrade(&h).unwrap().1, Some("centrifuge-json"));
 
         let allowed = vec!["https://app.example".to_string()];
-        assert!(origin_allowed(&allowed, &h));
+        let none = HashSet::new();
+        assert!(origin_allowed(&allowed, &none, &h));
         h.insert("origin", "https://evil.example".parse().unwrap());
-        assert!(!origin_allowed(&allowed, &h));
-        assert!(origin_allowed(&[], &h));
+        assert!(!origin_allowed(&allowed, &none, &h));
+        assert!(origin_allowed(&[], &none, &h));
+
+        // Site origins: allowed alongside the global list; once any exists, an empty global
+        // list no longer allows every origin.
+        let sites: HashSet<String> = ["https://shop.example".to_string()].into();
+        assert!(!origin_allowed(&[], &sites, &h));
+        assert!(!origin_allowed(&allowed, &sites, &h));
+        h.insert("origin", "https://Shop.Example".parse().unwrap());
+        assert!(origin_allowed(&[], &sites, &h));
+        assert!(origin_allowed(&allowed, &sites, &h));
+        h.insert("origin", "https://app.example".parse().unwrap());
+        assert!(origin_allowed(&allowed, &sites, &h));
+        assert!(origin_allowed(&["*".to_string()], &sites, &h));
+        h.remove("origin");
+        assert!(origin_allowed(&[], &sites, &h));
     }
 }

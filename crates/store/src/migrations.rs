@@ -31,6 +31,11 @@ const SQLITE: &[(i64, &str, &str)] = &[
         "notifications",
         include_str!("../migrations/sqlite/0003_notifications.sql"),
     ),
+    (
+        4,
+        "sites",
+        include_str!("../migrations/sqlite/0004_sites.sql"),
+    ),
 ];
 
 const POSTGRES: &[(i64, &str, &str)] = &[
@@ -48,6 +53,11 @@ const POSTGRES: &[(i64, &str, &str)] = &[
         3,
         "notifications",
         include_str!("../migrations/postgres/0003_notifications.sql"),
+    ),
+    (
+        4,
+        "sites",
+        include_str!("../migrations/postgres/0004_sites.sql"),
     ),
 ];
 

@@ -130,6 +130,35 @@ pub struct UserUpdate {
     pub role: Option<UserRole>,
 }
 
+/// A website sharing this deployment. Its backend mints connection tokens for its users
+/// with the site key, of which the store keeps only a hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Site {
+    pub id: i64,
+    pub name: String,
+    /// Origins (`https://shop.example`) browsers of this site connect from.
+    pub allowed_origins: Vec<String>,
+    /// Never serialized, so a `Site` can be returned by an API as it is.
+    #[serde(skip_serializing, default)]
+    pub key_hash: String,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewSite {
+    pub name: String,
+    /// The hash of the site key (the caller hashes; the store never sees the key).
+    pub key_hash: String,
+    pub allowed_origins: Vec<String>,
+}
+
+/// The fields of a site to change; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct SiteUpdate {
+    pub name: Option<String>,
+    pub allowed_origins: Option<Vec<String>>,
+}
+
 /// A refresh token, known to the store only by its hash.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RefreshToken {

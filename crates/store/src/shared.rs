@@ -314,6 +314,18 @@ macro_rules! sql_store {
             }))
         }
 
+        fn site_at(row: &$row) -> Result<Site, StoreError> {
+            let origins = parse_json(get::<&str>(row, 3)?)?;
+            Ok(Site {
+                id: get(row, 0)?,
+                name: get(row, 1)?,
+                key_hash: get(row, 2)?,
+                allowed_origins: serde_json::from_value(origins)
+                    .map_err(|e| StoreError::Invalid(format!("stored allowed_origins: {e}")))?,
+                created_at: get(row, 4)?,
+            })
+        }
+
         /// Replaces the generic text of a unique violation with the caller's.
         fn conflict(e: sqlx::Error, what: &str) -> StoreError {
             match db_err(e) {
@@ -1377,6 +1389,142 @@ macro_rules! sql_store {
                     Some(r) => opt_ban_at(&r, 0),
                     None => Ok(None),
                 }
+            }
+
+            async fn create_site(&self, site: NewSite) -> Result<Site, StoreError> {
+                check_text("name", &site.name)?;
+                check_text("key_hash", &site.key_hash)?;
+                for o in &site.allowed_origins {
+                    check_text("allowed_origins", o)?;
+                }
+                let created_at = now_ms();
+                let origins = serde_json::to_string(&site.allowed_origins)
+                    .map_err(|e| StoreError::Invalid(e.to_string()))?;
+                let id: i64 = sqlx::query_scalar(
+                    "INSERT INTO sites (name, key_hash, allowed_origins, created_at) \
+                     VALUES ($1, $2, $3, $4) RETURNING id",
+                )
+                .bind(&site.name)
+                .bind(&site.key_hash)
+                .bind(&origins)
+                .bind(created_at)
+                .fetch_one(&self.writer)
+                .await
+                .map_err(|e| conflict(e, "site key hash is taken"))?;
+                Ok(Site {
+                    id,
+                    name: site.name,
+                    allowed_origins: site.allowed_origins,
+                    key_hash: site.key_hash,
+                    created_at,
+                })
+            }
+
+            async fn site(&self, id: i64) -> Result<Option<Site>, StoreError> {
+                let row = sqlx::query(
+                    "SELECT id, name, key_hash, allowed_origins, created_at FROM sites WHERE id = $1",
+                )
+                .bind(id)
+                .fetch_optional(&self.reader)
+                .await
+                .map_err(db_err)?;
+                row.map(|r| site_at(&r)).transpose()
+            }
+
+            async fn sites(&self) -> Result<Vec<Site>, StoreError> {
+                let rows = sqlx::query(
+                    "SELECT id, name, key_hash, allowed_origins, created_at FROM sites ORDER BY id",
+                )
+                .fetch_all(&self.reader)
+                .await
+                .map_err(db_err)?;
+                rows.iter().map(site_at).collect()
+            }
+
+            async fn update_site(&self, id: i64, update: SiteUpdate) -> Result<Site, StoreError> {
+                if let Some(name) = &update.name {
+                    check_text("name", name)?;
+                }
+                let origins = match &update.allowed_origins {
+                    Some(list) => {
+                        for o in list {
+                            check_text("allowed_origins", o)?;
+                        }
+                        Some(
+                            serde_json::to_string(list)
+                                .map_err(|e| StoreError::Invalid(e.to_string()))?,
+                        )
+                    }
+                    None => None,
+                };
+                let row = sqlx::query(
+                    "UPDATE sites SET name = COALESCE($2, name), \
+                     allowed_origins = COALESCE($3, allowed_origins) WHERE id = $1 \
+                     RETURNING id, name, key_hash, allowed_origins, created_at",
+                )
+                .bind(id)
+                .bind(update.name)
+                .bind(origins)
+                .fetch_optional(&self.writer)
+                .await
+                .map_err(db_err)?;
+                site_at(&row.ok_or(StoreError::NotFound)?)
+            }
+
+            async fn site_user(
+                &self,
+                site_id: i64,
+                external_id: &str,
+            ) -> Result<Option<User>, StoreError> {
+                if check_text("external_id", external_id).is_err() {
+                    return Ok(None);
+                }
+                let row = sqlx::query(concat!(
+                    "SELECT ", user_cols!(""),
+                    " FROM users WHERE site_id = $1 AND external_id = $2"
+                ))
+                .bind(site_id)
+                .bind(external_id)
+                .fetch_optional(&self.reader)
+                .await
+                .map_err(db_err)?;
+                row.map(|r| user_at(&r, 0)).transpose()
+            }
+
+            async fn create_site_user(
+                &self,
+                site_id: i64,
+                external_id: &str,
+                user: NewUser,
+            ) -> Result<User, StoreError> {
+                check_text("external_id", external_id)?;
+                check_text("username", &user.username)?;
+                check_text("password_hash", &user.password_hash)?;
+                check_text("display_name", &user.display_name)?;
+                let created_at = now_ms();
+                // An unknown site fails the foreign key: NotFound.
+                let id: i64 = sqlx::query_scalar(
+                    "INSERT INTO users (username, password_hash, display_name, role, created_at, \
+                     site_id, external_id) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+                )
+                .bind(&user.username)
+                .bind(&user.password_hash)
+                .bind(&user.display_name)
+                .bind(user.role.as_str())
+                .bind(created_at)
+                .bind(site_id)
+                .bind(external_id)
+                .fetch_one(&self.writer)
+                .await
+                .map_err(|e| conflict(e, "username or external id is taken"))?;
+                Ok(User {
+                    id,
+                    username: user.username,
+                    password_hash: user.password_hash,
+                    display_name: user.display_name,
+                    role: user.role,
+                    created_at,
+                })
             }
         }
     };

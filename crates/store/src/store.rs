@@ -9,7 +9,7 @@ use crate::StoreError;
 pub const MAX_PAGE: u32 = 10_000;
 
 /// Durable storage for accounts, rooms, the rooms' message streams, moderation (flags and
-/// bans), notifications, presence (`last_seen`) and the audit log.
+/// bans), notifications, presence (`last_seen`), sites and the audit log.
 ///
 /// Implemented over SQLite and PostgreSQL with identical behaviour (one test suite runs
 /// against both). Object safe: the server holds an `Arc<dyn Store>` chosen by [`crate::open`].
@@ -223,6 +223,27 @@ pub trait Store: Send + Sync + 'static {
     async fn set_last_seen(&self, seen: Vec<(i64, i64)>) -> Result<(), StoreError>;
     /// When the user was last seen (`None`: never). `NotFound` if there is no such user.
     async fn last_seen(&self, user_id: i64) -> Result<Option<i64>, StoreError>;
+
+    // ----- sites -----
+
+    /// `Conflict` if the key hash is already stored.
+    async fn create_site(&self, site: NewSite) -> Result<Site, StoreError>;
+    async fn site(&self, id: i64) -> Result<Option<Site>, StoreError>;
+    /// Every site, by id.
+    async fn sites(&self) -> Result<Vec<Site>, StoreError>;
+    /// `NotFound` if there is no such site.
+    async fn update_site(&self, id: i64, update: SiteUpdate) -> Result<Site, StoreError>;
+    /// The user a site provisioned under `external_id`, if any.
+    async fn site_user(&self, site_id: i64, external_id: &str) -> Result<Option<User>, StoreError>;
+    /// Creates a user bound to a site under `external_id`. `NotFound` if the site does not
+    /// exist, `Conflict` if the username is taken or the site already has that external id
+    /// (the caller re-reads [`Store::site_user`] to tell them apart).
+    async fn create_site_user(
+        &self,
+        site_id: i64,
+        external_id: &str,
+        user: NewUser,
+    ) -> Result<User, StoreError>;
 
     // ----- audit -----
 

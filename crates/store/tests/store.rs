@@ -70,6 +70,7 @@ on_both! {
         sql_and_html_round_trip_byte_exact,
         audit_log_order,
         notifications_and_last_seen,
+        sites,
         closed_store_is_unavailable,
         throughput,
     ],

@@ -1,4 +1,4 @@
-//! The `/v1` REST API: accounts, rooms, messages, moderation, notifications and presence. Every route is listed in `routes()`.
+//! The `/v1` REST API: accounts, rooms, messages, moderation, notifications, presence and sites. Every route is listed in `routes()`.
 //!
 //! Errors are [`error::ApiError`]: 400, 401, 403, 404, 409 (and 429, 503) with a JSON body that
 //! says what is wrong. Callers authenticate with [`extract::AuthUser`]. Every route is
@@ -18,6 +18,7 @@ pub mod moderation;
 pub mod notifications;
 pub mod openapi;
 pub mod rooms;
+pub mod sites;
 pub mod users;
 
 /// All `/v1` routes.
@@ -30,4 +31,5 @@ pub fn routes() -> Router<Arc<Node>> {
         .merge(rooms::routes())
         .merge(moderation::routes())
         .merge(notifications::routes())
+        .merge(sites::routes())
 }

@@ -27,6 +27,8 @@ pub enum Auth {
     User,
     /// A bearer token of an admin (403 for other users).
     Admin,
+    /// `X-Site-Key: SITE_KEY` of the site in the path (401 without, or with a wrong one).
+    SiteKey,
 }
 
 /// One documented operation: a method on a path.
@@ -303,6 +305,7 @@ fn all_schemas() -> Value {
     for more in [
         super::moderation::schemas(),
         super::notifications::schemas(),
+        super::sites::schemas(),
     ] {
         if let (Some(all), Value::Object(more)) = (all.as_object_mut(), more) {
             all.extend(more);
@@ -369,7 +372,7 @@ fn operation(op: &Op) -> Value {
     }
     match op.auth {
         Auth::None => {}
-        Auth::User => errors.push(401),
+        Auth::User | Auth::SiteKey => errors.push(401),
         Auth::Admin => errors.extend([401, 403]),
     }
     errors.sort_unstable();
@@ -393,18 +396,21 @@ fn operation(op: &Op) -> Value {
             "content": {"application/json": {"schema": schema_ref(body)}},
         });
     }
-    if op.auth != Auth::None {
-        v["security"] = json!([{"bearer": []}]);
+    match op.auth {
+        Auth::None => {}
+        Auth::SiteKey => v["security"] = json!([{"siteKey": []}]),
+        Auth::User | Auth::Admin => v["security"] = json!([{"bearer": []}]),
     }
     v
 }
 
 /// Every documented operation: this module's table and those of route modules that keep
-/// their own (moderation, notifications).
+/// their own (moderation, notifications, sites).
 fn all_ops() -> impl Iterator<Item = &'static Op> {
     OPS.iter()
         .chain(super::moderation::OPS)
         .chain(super::notifications::OPS)
+        .chain(super::sites::OPS)
 }
 
 /// The whole document.
@@ -426,7 +432,10 @@ pub fn document() -> Value {
         "paths": paths,
         "components": {
             "schemas": all_schemas(),
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
+                "siteKey": {"type": "apiKey", "in": "header", "name": "X-Site-Key"},
+            },
         },
     })
 }

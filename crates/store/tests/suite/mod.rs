@@ -1370,3 +1370,105 @@ pub async fn notifications_and_last_seen(store: Arc<dyn Store>) {
         "alice"
     );
 }
+
+pub async fn sites(store: Arc<dyn Store>) {
+    assert!(store.sites().await.unwrap().is_empty());
+    let a = store
+        .create_site(NewSite {
+            name: "Shop".into(),
+            key_hash: "hash-a".into(),
+            allowed_origins: vec!["https://shop.example".into()],
+        })
+        .await
+        .unwrap();
+    assert_eq!(a.allowed_origins, vec!["https://shop.example".to_string()]);
+    let err = store
+        .create_site(NewSite {
+            name: "Dup".into(),
+            key_hash: "hash-a".into(),
+            allowed_origins: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    let b = store
+        .create_site(NewSite {
+            name: "Game".into(),
+            key_hash: "hash-b".into(),
+            allowed_origins: vec![],
+        })
+        .await
+        .unwrap();
+    assert_eq!(store.site(a.id).await.unwrap().unwrap(), a);
+    assert_eq!(store.site(b.id + 100).await.unwrap(), None);
+    assert_eq!(store.sites().await.unwrap(), vec![a.clone(), b.clone()]);
+
+    let renamed = store
+        .update_site(
+            b.id,
+            SiteUpdate {
+                name: Some("Games".into()),
+                ..SiteUpdate::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(renamed.name, "Games");
+    assert!(renamed.allowed_origins.is_empty());
+    let b = store
+        .update_site(
+            b.id,
+            SiteUpdate {
+                allowed_origins: Some(vec!["https://a.example".into(), "https://b.example".into()]),
+                ..SiteUpdate::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!((b.name.as_str(), b.allowed_origins.len()), ("Games", 2));
+    assert_eq!(b.key_hash, "hash-b");
+    assert!(matches!(
+        store
+            .update_site(b.id + 100, SiteUpdate::default())
+            .await
+            .unwrap_err(),
+        StoreError::NotFound
+    ));
+
+    let new = |username: &str| NewUser {
+        username: username.into(),
+        password_hash: "!site".into(),
+        display_name: "Site user".into(),
+        role: UserRole::User,
+    };
+    assert_eq!(store.site_user(a.id, "42").await.unwrap(), None);
+    let u = store
+        .create_site_user(a.id, "42", new("s1_42"))
+        .await
+        .unwrap();
+    assert_eq!(store.site_user(a.id, "42").await.unwrap().unwrap(), u);
+    assert_eq!(store.user_by_id(u.id).await.unwrap().unwrap(), u);
+    // The same external id on another site is another user.
+    assert_eq!(store.site_user(b.id, "42").await.unwrap(), None);
+    let v = store
+        .create_site_user(b.id, "42", new("s2_42"))
+        .await
+        .unwrap();
+    assert_ne!(u.id, v.id);
+    // One user per (site, external id); usernames stay globally unique.
+    for (site, ext, name) in [(a.id, "42", "s1_42_again"), (b.id, "43", "s1_42")] {
+        let err = store
+            .create_site_user(site, ext, new(name))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    }
+    let err = store
+        .create_site_user(b.id + 100, "1", new("nobody"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound), "{err:?}");
+    // Ordinary accounts are not site users.
+    let plain = user(&store, "plain").await;
+    assert_eq!(store.site_user(a.id, &plain.username).await.unwrap(), None);
+}
