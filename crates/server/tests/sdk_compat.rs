@@ -143,7 +143,7 @@ async fn js_sdk() {
     server.shutdown().await;
 }
 
-/// The chat suite again, on PostgreSQL (required under CI).
+/// The chat and crash suites again, on PostgreSQL (required under CI).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn js_chat_on_postgres() {
     let Some(dir) = js_deps().await else { return };
@@ -152,14 +152,14 @@ async fn js_chat_on_postgres() {
         return;
     };
     let server = TestServer::start_on(db.url(), CONFIG).await;
-    let files = [dir.join("chat.test.js")];
-    run_js(
-        &server,
-        &dir,
-        &files,
-        "node --test chat.test.js (PostgreSQL)",
-    )
-    .await;
+    let files = [dir.join("chat.test.js"), dir.join("crash.test.js")];
+    let mut cmd = Command::new("node");
+    cmd.arg("--test").args(&files).current_dir(&dir);
+    server_env(&mut cmd, &server);
+    // crash.test.js runs and kills its own server process: on this database too.
+    cmd.env("SB_DATABASE_URL", db.url());
+    let what = "node --test chat.test.js crash.test.js (PostgreSQL)";
+    run(what, &mut cmd, SUITE_TIMEOUT).await;
     server.shutdown().await;
 }
 

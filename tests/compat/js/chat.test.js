@@ -171,3 +171,32 @@ test('typing and read receipts reach the other member', async () => {
     cb.disconnect();
   }
 });
+
+test('a profane message is removed within 500 ms and members receive the removal', async () => {
+  const a = await account('ma');
+  const b = await account('mb');
+  const { id, channel } = await room(a, [b]);
+  const ca = await connected(a);
+  const cb = await connected(b);
+  const atB = [];
+  try {
+    const sb = cb.newSubscription(channel);
+    sb.on('publication', (ctx) => atB.push({ at: Date.now(), data: ctx.data, offset: ctx.offset }));
+    sb.subscribe();
+    await sb.ready(5000);
+    await ca.publish(channel, { text: 'this is shit', client_msg_id: 'bad-1' });
+    const acked = Date.now();
+    await until(() => atB.some((p) => p.data.type === 'removed'), 'the removal event', 5000);
+    const removed = atB.find((p) => p.data.type === 'removed');
+    const original = atB.find((p) => p.data.type === 'message');
+    assert.ok(removed.at - acked < 500, `removed after ${removed.at - acked} ms`);
+    assert.equal(removed.data.message_id, original.data.message.id);
+    assert.equal(removed.offset, original.offset + 1, 'the removal is the next event in the stream');
+    assert.equal(removed.data.message.text, null, 'the removed text is withheld');
+    const page = await rest('GET', `/v1/rooms/${id}/messages`, a.token);
+    assert.equal(page.body.messages[0].removed, true);
+  } finally {
+    ca.disconnect();
+    cb.disconnect();
+  }
+});
