@@ -56,7 +56,9 @@ pub(crate) struct Dialer {
     addr: SocketAddr,
     /// Source addresses to bind, round-robin by connection number. Empty means the kernel picks.
     sources: Vec<IpAddr>,
-    key: EncodingKey,
+    /// Mints connection tokens for [`Dialer::open`]. `None` when the caller brings its own
+    /// tokens ([`Dialer::open_with_token`]).
+    key: Option<EncodingKey>,
     config: WebSocketConfig,
     /// Kernel receive buffer (SO_RCVBUF) for each socket; `None` keeps the system default.
     recv_buffer: Option<u32>,
@@ -66,10 +68,19 @@ impl Dialer {
     /// Resolves the target once. `read_buffer` is tungstenite's read chunk per connection.
     /// Keep it small when holding many connections.
     pub(crate) async fn new(target: &Target, read_buffer: usize) -> anyhow::Result<Self> {
-        let uri: Uri = target
-            .url
-            .parse()
-            .with_context(|| format!("bad --url {}", target.url))?;
+        let key = EncodingKey::from_secret(target.secret.as_bytes());
+        Self::for_url(&target.url, target.sources, Some(key), read_buffer).await
+    }
+
+    /// Like [`Dialer::new`], for callers without a [`Target`]. Without `key`, only
+    /// [`Dialer::open_with_token`] works.
+    pub(crate) async fn for_url(
+        url: &str,
+        sources: u8,
+        key: Option<EncodingKey>,
+        read_buffer: usize,
+    ) -> anyhow::Result<Self> {
+        let uri: Uri = url.parse().with_context(|| format!("bad --url {url}"))?;
         match uri.scheme_str() {
             Some("ws") => {}
             Some(other) => bail!("--url scheme {other} is not supported (only ws://)"),
@@ -83,17 +94,17 @@ impl Dialer {
             .min_by_key(|a| !a.is_ipv4()) // prefer IPv4: the source addresses are 127.0.0.k
             .ok_or_else(|| anyhow!("{host} resolves to nothing"))?;
         let sources = if addr.ip().is_loopback() && addr.is_ipv4() {
-            (1..=target.sources)
+            (1..=sources)
                 .map(|k| IpAddr::V4(Ipv4Addr::new(127, 0, 0, k)))
                 .collect()
         } else {
             Vec::new()
         };
         Ok(Dialer {
-            url: target.url.clone(),
+            url: url.to_owned(),
             addr,
             sources,
-            key: EncodingKey::from_secret(target.secret.as_bytes()),
+            key,
             config: WebSocketConfig::default()
                 .read_buffer_size(read_buffer)
                 // 0: every message is written to the socket at once, with no buffer kept around.
@@ -124,21 +135,31 @@ impl Dialer {
     pub(crate) fn token(&self, i: usize) -> anyhow::Result<String> {
         let sub = format!("bench-{i}");
         let exp = now_ns() / 1_000_000_000 + TOKEN_TTL_S;
+        let key = self
+            .key
+            .as_ref()
+            .ok_or_else(|| anyhow!("no secret to mint connection tokens with"))?;
         Ok(jsonwebtoken::encode(
             &Header::default(),
             &Claims { sub: &sub, exp },
-            &self.key,
+            key,
         )?)
     }
 
-    /// Opens connection `i` and completes the protocol `connect` handshake.
+    /// Opens connection `i` with a minted token and completes the protocol `connect` handshake.
     pub(crate) async fn open(&self, i: usize) -> anyhow::Result<Ws> {
-        tokio::time::timeout(OPEN_TIMEOUT, self.open_inner(i))
+        let token = self.token(i)?;
+        self.open_with_token(i, &token).await
+    }
+
+    /// Opens connection `i` (which picks its source address) and connects with `token`.
+    pub(crate) async fn open_with_token(&self, i: usize, token: &str) -> anyhow::Result<Ws> {
+        tokio::time::timeout(OPEN_TIMEOUT, self.open_inner(i, token))
             .await
             .map_err(|_| anyhow!("connect timed out after {OPEN_TIMEOUT:?}"))?
     }
 
-    async fn open_inner(&self, i: usize) -> anyhow::Result<Ws> {
+    async fn open_inner(&self, i: usize, token: &str) -> anyhow::Result<Ws> {
         let socket = TcpSocket::new_v4()
             .or_else(|_| TcpSocket::new_v6())
             .context("socket")?;
@@ -160,7 +181,7 @@ impl Dialer {
                 .context("websocket upgrade")?;
         let connect = serde_json::json!({
             "id": 1,
-            "connect": {"token": self.token(i)?, "name": "bench"}
+            "connect": {"token": token, "name": "bench"}
         });
         request_reply(&mut ws, 1, connect.to_string(), "connect").await?;
         Ok(ws)

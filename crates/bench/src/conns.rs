@@ -58,7 +58,7 @@ pub struct ConnsReport {
 pub async fn run(args: ConnsArgs) -> anyhow::Result<ConnsReport> {
     procfs::warn_if_fd_limit_low(args.n);
     let dialer = Arc::new(Dialer::new(&args.target, READ_BUFFER).await?);
-    let pid = procfs::server_pid(&args.target, dialer.port());
+    let pid = procfs::server_pid(args.target.server_pid, dialer.port());
     let cpu_start = procfs::cpu_seconds(None);
     let rss_before = pid.and_then(|p| procfs::rss_kb(Some(p)));
     let started = Instant::now();

@@ -139,7 +139,7 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
     }
     procfs::warn_if_fd_limit_low(args.subs + 1);
     let dialer = Arc::new(Dialer::new(&args.target, READ_BUFFER).await?);
-    let pid = procfs::server_pid(&args.target, dialer.port());
+    let pid = procfs::server_pid(args.target.server_pid, dialer.port());
     let shared = Arc::new(Shared {
         window: Window::new(),
         recorder: Recorder::new(),
@@ -331,7 +331,7 @@ async fn close_codes(stalled: Vec<Ws>) -> Vec<Option<u16>> {
 }
 
 /// A bench that used nearly all the cores it may run on has measured itself, not the server.
-fn warn_if_bench_bound(bench_cpu: Option<f64>, window_s: f64) {
+pub(crate) fn warn_if_bench_bound(bench_cpu: Option<f64>, window_s: f64) {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     if let Some(cpu) = bench_cpu {
         if cpu > 0.9 * cores * window_s {

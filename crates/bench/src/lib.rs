@@ -9,6 +9,8 @@
 //! - [`conns`]: many idle connections. Measures server memory per connection.
 //! - [`fanout`]: one publisher and N subscribers on one channel. Measures deliveries/s,
 //!   end-to-end latency and server CPU per delivery.
+//! - [`chat`]: R rooms of U members who all send. Measures persisted messages/s, send→ack
+//!   and send→deliver latency, and checks that every member saw its room's offsets in order.
 //! - `client`: dials one bench connection (source address, WebSocket, `connect` handshake)
 //!   and sends request/reply commands during setup.
 //! - `wire`: the cheap receive path. It splits frames into lines and finds `"t":` by byte search.
@@ -22,6 +24,7 @@
 //! source address has about 28k ephemeral ports, so client sockets are spread over
 //! `127.0.0.1..=127.0.0.<sources>`.
 
+pub mod chat;
 mod client;
 pub mod conns;
 pub mod fanout;
@@ -29,6 +32,7 @@ mod procfs;
 mod stats;
 mod wire;
 
+pub use chat::{ChatArgs, ChatReport};
 pub use conns::{ConnsArgs, ConnsReport};
 pub use fanout::{FanoutArgs, FanoutReport, LatencySummary};
 
@@ -57,6 +61,9 @@ pub enum BenchCommand {
     /// N subscribers on one channel and one publisher at a fixed rate. Reports deliveries/s,
     /// latency percentiles and server CPU per delivery.
     Fanout(FanoutArgs),
+    /// R rooms of U members, each member sending M messages/s over its own connection.
+    /// Reports persisted messages/s, send→ack and send→deliver latency, and ordering checks.
+    Chat(ChatArgs),
 }
 
 /// Runs one scenario and prints its report as one JSON line on stdout.
@@ -67,6 +74,7 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     let report = match cmd {
         BenchCommand::Conns(args) => conns::run(args).await.map(|r| serde_json::to_string(&r)),
         BenchCommand::Fanout(args) => fanout::run(args).await.map(|r| serde_json::to_string(&r)),
+        BenchCommand::Chat(args) => chat::run(args).await.map(|r| serde_json::to_string(&r)),
     };
     // Flatten the context chain into one message: callers may print only the outermost layer.
     let line = report.map_err(|e| anyhow::anyhow!("{e:#}"))??;

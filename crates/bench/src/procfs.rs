@@ -6,8 +6,6 @@
 
 use std::fs;
 
-use crate::Target;
-
 /// `sysconf(_SC_CLK_TCK)`. It is 100 on every Linux build we run on. Calling `sysconf` would
 /// need `unsafe`, which this workspace forbids.
 const CLK_TCK: f64 = 100.0;
@@ -58,6 +56,49 @@ pub(crate) fn parse_listen_inodes(net_tcp: &str, port: u16) -> Vec<u64> {
         }
     }
     out
+}
+
+/// Per-core `(busy, total)` clock ticks from the text of `/proc/stat`, in core order. Busy is
+/// everything but `idle` and `iowait`, so it includes softirq time and other processes.
+pub(crate) fn parse_core_ticks(stat: &str) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for line in stat.lines() {
+        let mut f = line.split_whitespace();
+        let Some(name) = f.next() else { continue };
+        // "cpu" alone is the sum of all cores.
+        if name.len() <= 3 || !name.starts_with("cpu") {
+            continue;
+        }
+        // user nice system idle iowait irq softirq steal (guest time is already in user).
+        let v: Vec<u64> = f.take(8).filter_map(|x| x.parse().ok()).collect();
+        if v.len() < 5 {
+            continue;
+        }
+        let total: u64 = v.iter().sum();
+        out.push((total - v[3] - v[4], total));
+    }
+    out
+}
+
+/// Busy fraction of each core between two [`core_ticks`] readings.
+pub(crate) fn busy_fractions(before: &[(u64, u64)], after: &[(u64, u64)]) -> Vec<f64> {
+    before
+        .iter()
+        .zip(after)
+        .map(|(&(b0, t0), &(b1, t1))| {
+            let total = t1.saturating_sub(t0);
+            if total == 0 {
+                0.0
+            } else {
+                (b1.saturating_sub(b0)) as f64 / total as f64
+            }
+        })
+        .collect()
+}
+
+/// The host's per-core ticks now.
+pub(crate) fn core_ticks() -> Option<Vec<(u64, u64)>> {
+    Some(parse_core_ticks(&fs::read_to_string("/proc/stat").ok()?))
 }
 
 fn proc_path(pid: Option<u32>, file: &str) -> String {
@@ -118,9 +159,9 @@ pub(crate) fn listener_pid(port: u16) -> Option<u32> {
     None
 }
 
-/// `--server-pid`, or else the process listening on the target port.
-pub(crate) fn server_pid(target: &Target, port: u16) -> Option<u32> {
-    let pid = target.server_pid.or_else(|| listener_pid(port));
+/// `--server-pid` (`explicit`), or else the process listening on the target port.
+pub(crate) fn server_pid(explicit: Option<u32>, port: u16) -> Option<u32> {
+    let pid = explicit.or_else(|| listener_pid(port));
     if pid.is_none() {
         eprintln!("bench: no --server-pid and no process found listening on port {port}; server readings will be null");
     }
@@ -163,6 +204,22 @@ mod tests {
     fn cpu_ticks_of_this_process() {
         assert!(cpu_seconds(None).is_some());
         assert!(rss_kb(None).unwrap() > 0);
+    }
+
+    #[test]
+    fn core_ticks_and_busy_fractions() {
+        let before = "cpu  300 0 100 1000 10 0 50 0 0 0\n\
+                      cpu0 200 0 50 400 5 0 40 0 0 0\n\
+                      cpu1 100 0 50 600 5 0 10 0 0 0\n\
+                      intr 12345\n";
+        let after = "cpu0 290 0 60 400 5 0 50 0 0 0\n\
+                     cpu1 110 0 50 690 5 0 10 0 0 0\n";
+        let a = parse_core_ticks(before);
+        assert_eq!(a, vec![(290, 695), (160, 765)]);
+        let b = parse_core_ticks(after);
+        let busy = busy_fractions(&a, &b);
+        assert_eq!(busy, vec![1.0, 0.1]);
+        assert!(core_ticks().is_some_and(|c| !c.is_empty()));
     }
 
     #[test]

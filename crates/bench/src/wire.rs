@@ -63,23 +63,29 @@ fn send_time(publication: &[u8]) -> Option<u64> {
     let data = find(publication, b"\"data\":")?;
     let rest = &publication[data..];
     let t = find(rest, b"\"t\":")?;
-    let digits = &rest[t..];
-    let len = digits.iter().take_while(|b| b.is_ascii_digit()).count();
+    leading_u64(&rest[t..]).map(|(n, _)| n)
+}
+
+/// Position just past the first occurrence of `needle` in `hay`. `None` for an empty needle.
+pub(crate) fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    let (&first, rest) = needle.split_first()?;
+    let last = hay.len().checked_sub(needle.len())?;
+    // Test the first byte before comparing the rest: most positions fail there.
+    (0..=last)
+        .find(|&i| hay[i] == first && &hay[i + 1..i + needle.len()] == rest)
+        .map(|i| i + needle.len())
+}
+
+/// The decimal integer at the start of `s` (at most 19 digits) and how many bytes it took.
+pub(crate) fn leading_u64(s: &[u8]) -> Option<(u64, usize)> {
+    let len = s.iter().take_while(|b| b.is_ascii_digit()).count();
     if len == 0 || len > 19 {
         return None;
     }
-    let mut n = 0u64;
-    for &d in &digits[..len] {
-        n = n * 10 + u64::from(d - b'0');
-    }
-    Some(n)
-}
-
-/// Position just past the first occurrence of `needle` in `hay`.
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len())
-        .position(|w| w == needle)
-        .map(|p| p + needle.len())
+    let n = s[..len]
+        .iter()
+        .fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
+    Some((n, len))
 }
 
 #[cfg(test)]
@@ -139,6 +145,21 @@ mod tests {
         assert!(!is_error_reply(
             br#"{"push":{"channel":"c","pub":{"data":{"error":1}}}}"#
         ));
+    }
+
+    #[test]
+    fn find_and_leading_numbers() {
+        assert_eq!(find(b"abcabd", b"abd"), Some(6));
+        assert_eq!(find(b"abcabd", b"a"), Some(1));
+        assert_eq!(find(b"ab", b"abc"), None);
+        assert_eq!(find(b"abc", b""), None);
+        assert_eq!(leading_u64(b"123,x"), Some((123, 3)));
+        assert_eq!(leading_u64(b"x1"), None);
+        assert_eq!(leading_u64(b"18446744073709551615"), None);
+        assert_eq!(
+            leading_u64(b"9999999999999999999"),
+            Some((9_999_999_999_999_999_999, 19))
+        );
     }
 
     #[test]
