@@ -4,24 +4,10 @@
 
 mod common;
 
-use common::{http, RawClient};
+use common::{connect, databases, http, next_of};
 use serde_json::{json, Value};
 use switchboard::testing::TestServer;
-use switchboard_store::testing::TestDatabase;
 use switchboard_store::{NewUser, UserRole};
-
-/// The databases to run on: SQLite always, PostgreSQL when it is there (required under CI).
-async fn databases() -> Vec<TestDatabase> {
-    let mut dbs = vec![TestDatabase::sqlite()];
-    match TestDatabase::postgres().await {
-        Some(db) => dbs.push(db),
-        None if std::env::var_os("CI").is_some() => {
-            panic!("PostgreSQL is required under CI (127.0.0.1:5432, database test)")
-        }
-        None => eprintln!("SKIP PostgreSQL half: no server at 127.0.0.1:5432"),
-    }
-    dbs
-}
 
 /// A user in the store; returns (id, token).
 async fn user(server: &TestServer, name: &str) -> (i64, String) {
@@ -59,23 +45,6 @@ async fn rest(
         status,
         serde_json::from_str(&text).unwrap_or(Value::String(text)),
     )
-}
-
-/// The next publication on `channel` whose data has this `type`, skipping others.
-async fn next_of(c: &mut RawClient, channel: &str, kind: &str) -> Value {
-    loop {
-        let p = c.publication(channel).await;
-        if p["data"]["type"] == kind {
-            return p;
-        }
-    }
-}
-
-async fn connect(server: &TestServer, token: &str) -> RawClient {
-    let mut c = RawClient::open(server).await;
-    let r = c.call(json!({"connect": {"token": token}})).await;
-    assert!(r.get("connect").is_some(), "connect: {r}");
-    c
 }
 
 #[tokio::test]

@@ -7,24 +7,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{http, RawClient};
+use common::{connect, databases, http, RawClient};
 use serde_json::{json, Value};
 use switchboard::testing::TestServer;
-use switchboard_store::testing::TestDatabase;
 use switchboard_store::{NewUser, UserRole};
-
-/// The databases to run on: SQLite always, PostgreSQL when it is there (required under CI).
-async fn databases() -> Vec<TestDatabase> {
-    let mut dbs = vec![TestDatabase::sqlite()];
-    match TestDatabase::postgres().await {
-        Some(db) => dbs.push(db),
-        None if std::env::var_os("CI").is_some() => {
-            panic!("PostgreSQL is required under CI (127.0.0.1:5432, database test)")
-        }
-        None => eprintln!("SKIP PostgreSQL half: no server at 127.0.0.1:5432"),
-    }
-    dbs
-}
 
 struct U {
     id: i64,
@@ -71,13 +57,6 @@ async fn rest(
         status,
         serde_json::from_str(&text).unwrap_or(Value::String(text)),
     )
-}
-
-async fn connect(server: &TestServer, token: &str) -> RawClient {
-    let mut c = RawClient::open(server).await;
-    let r = c.call(json!({"connect": {"token": token}})).await;
-    assert!(r.get("connect").is_some(), "connect: {r}");
-    c
 }
 
 fn channel(id: i64) -> String {

@@ -7,24 +7,11 @@
 
 mod common;
 
-use common::{http, RawClient};
+use common::{connect, databases, http};
 use serde_json::{json, Value};
 use switchboard::testing::TestServer;
 use switchboard_store::testing::TestDatabase;
 use switchboard_store::{NewUser, UserRole};
-
-/// The databases to run on: SQLite always, PostgreSQL when it is there (required under CI).
-async fn databases() -> Vec<TestDatabase> {
-    let mut dbs = vec![TestDatabase::sqlite()];
-    match TestDatabase::postgres().await {
-        Some(db) => dbs.push(db),
-        None if std::env::var_os("CI").is_some() => {
-            panic!("PostgreSQL is required under CI (127.0.0.1:5432, database test)")
-        }
-        None => eprintln!("SKIP PostgreSQL half: no server at 127.0.0.1:5432"),
-    }
-    dbs
-}
 
 /// A request with optional bearer token and extra headers; returns (status, JSON body).
 async fn call(
@@ -114,13 +101,6 @@ async fn upgrade_status(server: &TestServer, origin: Option<&str>) -> u16 {
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => resp.status().as_u16(),
         Err(e) => panic!("upgrade: {e}"),
     }
-}
-
-async fn connect(server: &TestServer, token: &str) -> RawClient {
-    let mut c = RawClient::open(server).await;
-    let r = c.call(json!({"connect": {"token": token}})).await;
-    assert!(r.get("connect").is_some(), "connect: {r}");
-    c
 }
 
 #[tokio::test]

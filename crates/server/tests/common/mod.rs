@@ -10,6 +10,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use switchboard::testing::TestServer;
+use switchboard_store::testing::TestDatabase;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -363,4 +364,36 @@ pub async fn api(server: &TestServer, method: &str, body: Value) -> (u16, Value)
     let text = resp.text().await.expect("api body");
     let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
     (status, value)
+}
+
+// ----- helpers shared by the chat, moderation, notification and site suites -----
+
+/// The databases to run on: SQLite always, PostgreSQL when it is there (required under CI).
+pub async fn databases() -> Vec<TestDatabase> {
+    let mut dbs = vec![TestDatabase::sqlite()];
+    match TestDatabase::postgres().await {
+        Some(db) => dbs.push(db),
+        None if std::env::var_os("CI").is_some() => {
+            panic!("PostgreSQL is required under CI (127.0.0.1:5432, database test)")
+        }
+        None => eprintln!("SKIP PostgreSQL half: no server at 127.0.0.1:5432"),
+    }
+    dbs
+}
+
+pub async fn connect(server: &TestServer, token: &str) -> RawClient {
+    let mut c = RawClient::open(server).await;
+    let r = c.call(json!({"connect": {"token": token}})).await;
+    assert!(r.get("connect").is_some(), "connect: {r}");
+    c
+}
+
+/// The next publication on `channel` whose data has this `type`, skipping others.
+pub async fn next_of(c: &mut RawClient, channel: &str, kind: &str) -> Value {
+    loop {
+        let p = c.publication(channel).await;
+        if p["data"]["type"] == kind {
+            return p;
+        }
+    }
 }
