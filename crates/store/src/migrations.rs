@@ -36,6 +36,11 @@ const SQLITE: &[(i64, &str, &str)] = &[
         "sites",
         include_str!("../migrations/sqlite/0004_sites.sql"),
     ),
+    (
+        5,
+        "documents",
+        include_str!("../migrations/sqlite/0005_documents.sql"),
+    ),
 ];
 
 const POSTGRES: &[(i64, &str, &str)] = &[
@@ -59,6 +64,11 @@ const POSTGRES: &[(i64, &str, &str)] = &[
         "sites",
         include_str!("../migrations/postgres/0004_sites.sql"),
     ),
+    (
+        5,
+        "documents",
+        include_str!("../migrations/postgres/0005_documents.sql"),
+    ),
 ];
 
 fn list(backend: Backend) -> &'static [(i64, &'static str, &'static str)] {
@@ -70,8 +80,12 @@ fn list(backend: Backend) -> &'static [(i64, &'static str, &'static str)] {
 
 /// The migrator for a backend. Each migration runs in its own transaction.
 pub(crate) fn migrator(backend: Backend) -> Migrator {
+    migrator_of(list(backend))
+}
+
+fn migrator_of(migrations: &'static [(i64, &'static str, &'static str)]) -> Migrator {
     Migrator::with_migrations(
-        list(backend)
+        migrations
             .iter()
             .map(|&(version, description, sql)| {
                 Migration::new(
@@ -108,5 +122,100 @@ mod tests {
                 .collect();
             assert_eq!(files, listed, "migrations/{dir} and migrations.rs disagree");
         }
+    }
+
+    /// An existing database at version 4: its notifications, migrated by 0005.
+    async fn notifications_across_0005<DB>(pool: &sqlx::Pool<DB>, backend: Backend)
+    where
+        DB: sqlx::Database,
+        <DB as sqlx::Database>::Connection: sqlx::migrate::Migrate,
+        for<'q> <DB as sqlx::Database>::Arguments: sqlx::IntoArguments<DB>,
+        for<'e> &'e sqlx::Pool<DB>: sqlx::Executor<'e, Database = DB>,
+        i64: sqlx::Type<DB> + for<'r> sqlx::Decode<'r, DB> + for<'q> sqlx::Encode<'q, DB>,
+        String: sqlx::Type<DB> + for<'r> sqlx::Decode<'r, DB>,
+        (i64, String): for<'r> sqlx::FromRow<'r, DB::Row>,
+    {
+        migrator_of(&list(backend)[..4]).run(pool).await.unwrap();
+        sqlx::query(
+            "INSERT INTO users (username, password_hash, display_name, role, created_at) \
+             VALUES ('u', '', 'U', 'user', 0)",
+        )
+        .execute(pool)
+        .await
+        .unwrap();
+        for kind in ["mention", "invite", "direct"] {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "INSERT INTO notifications (user_id, kind, data, created_at) \
+                 SELECT id, '{kind}', '{{}}', 0 FROM users"
+            )))
+            .execute(pool)
+            .await
+            .unwrap();
+        }
+        // The newest is gone: its id must not be handed out again either.
+        sqlx::query("DELETE FROM notifications WHERE kind = 'direct'")
+            .execute(pool)
+            .await
+            .unwrap();
+        let before: Vec<(i64, String)> =
+            sqlx::query_as("SELECT id, kind FROM notifications ORDER BY id")
+                .fetch_all(pool)
+                .await
+                .unwrap();
+        assert_eq!(before.len(), 2);
+
+        migrator(backend).run(pool).await.unwrap();
+        let after: Vec<(i64, String)> =
+            sqlx::query_as("SELECT id, kind FROM notifications ORDER BY id")
+                .fetch_all(pool)
+                .await
+                .unwrap();
+        assert_eq!(after, before, "{backend}: rows and ids kept");
+        let (id, kind): (i64, String) = sqlx::query_as(
+            "INSERT INTO notifications (user_id, kind, data, created_at) \
+             SELECT id, 'share', '{}', 0 FROM users RETURNING id, kind",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        assert_eq!(kind, "share");
+        assert!(id > before[1].0 + 1, "{backend}: id {id} reused");
+        let bogus = sqlx::query(
+            "INSERT INTO notifications (user_id, kind, data, created_at) \
+             SELECT id, 'bogus', '{}', 0 FROM users",
+        )
+        .execute(pool)
+        .await;
+        assert!(bogus.is_err(), "{backend}: the kind CHECK is gone");
+    }
+
+    #[tokio::test]
+    async fn sqlite_0005_rebuilds_notifications_keeping_ids() {
+        use std::str::FromStr;
+        let db = crate::testing::TestDatabase::sqlite();
+        let opts = sqlx::sqlite::SqliteConnectOptions::from_str(db.url())
+            .unwrap()
+            .create_if_missing(true)
+            .foreign_keys(true);
+        let pool = sqlx::SqlitePool::connect_with(opts).await.unwrap();
+        notifications_across_0005(&pool, Backend::Sqlite).await;
+        let index: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name = 'notifications_user'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(index, 1);
+        pool.close().await;
+    }
+
+    #[tokio::test]
+    async fn postgres_0005_widens_the_notifications_check() {
+        let Some(db) = crate::testing::TestDatabase::postgres().await else {
+            return;
+        };
+        let pool = sqlx::PgPool::connect(db.url()).await.unwrap();
+        notifications_across_0005(&pool, Backend::Postgres).await;
+        pool.close().await;
     }
 }
