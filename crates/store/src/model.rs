@@ -401,6 +401,8 @@ text_enum! {
         Direct = "direct",
         /// Someone added the user to a room.
         Invite = "invite",
+        /// Someone shared a document with the user (data: {document_id, title, role}).
+        Share = "share",
     }
 }
 
@@ -449,4 +451,98 @@ pub enum MarkRead {
     Ids(Vec<i64>),
     /// Every unread one.
     All,
+}
+
+text_enum! {
+    /// A user's access to one document. `Owner` is the creator (documents.owner_id), never a
+    /// member row.
+    DocRole { Owner = "owner", Editor = "editor", Viewer = "viewer" }
+}
+
+/// A collaborative (Yjs) document's metadata. Its content is read with
+/// [`crate::Store::load_document`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Document {
+    pub id: i64,
+    pub title: String,
+    /// The creator, whose role is always [`DocRole::Owner`].
+    pub owner_id: i64,
+    pub created_at: i64,
+    /// Bumped by renames and appended updates; never moves backward.
+    pub updated_at: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewDocument {
+    pub owner_id: i64,
+    /// Any text without NUL: length limits are the caller's.
+    pub title: String,
+}
+
+/// One entry of documents_for_user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DocumentSummary {
+    pub document: Document,
+    pub role: DocRole,
+}
+
+/// A user other than the owner who may open a document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DocMember {
+    pub doc_id: i64,
+    pub user_id: i64,
+    /// `Editor` or `Viewer`, never `Owner`.
+    pub role: DocRole,
+    /// When the user was first added; a role change keeps it.
+    pub added_at: i64,
+}
+
+/// A Yjs update (lib0 v1 encoding, opaque bytes to the store) to append to a document's log.
+#[derive(Debug, Clone)]
+pub struct NewDocUpdate {
+    pub doc_id: i64,
+    pub data: Vec<u8>,
+}
+
+/// One entry of a document's update log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DocUpdate {
+    pub seq: i64,
+    pub data: Vec<u8>,
+}
+
+/// What loading a document reads: its snapshot (if compacted) and the log after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DocContent {
+    pub snapshot: Option<Vec<u8>>,
+    /// the highest seq merged into the snapshot (0: none)
+    pub snapshot_seq: i64,
+    /// log entries with seq > snapshot_seq, ascending
+    pub updates: Vec<DocUpdate>,
+}
+
+/// A saved state of a document (its metadata; the state itself comes with
+/// [`crate::Store::doc_version`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DocVersion {
+    pub id: i64,
+    pub doc_id: i64,
+    pub label: String,
+    /// taken automatically during activity (not by a person)
+    pub auto: bool,
+    pub created_by: Option<i64>,
+    pub created_at: i64,
+    /// bytes of the stored state
+    pub size: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewDocVersion {
+    pub doc_id: i64,
+    /// At most 200 characters, without NUL.
+    pub label: String,
+    pub auto: bool,
+    pub created_by: Option<i64>,
+    /// the document's full state as a Yjs update (v1)
+    pub state: Vec<u8>,
 }

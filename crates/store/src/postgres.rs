@@ -64,6 +64,10 @@ async fn connect_once(
 
 impl PgStore {
     const BACKEND: Backend = Backend::Postgres;
+    /// Finds a document inside a write transaction and locks its row until commit, as the
+    /// `UPDATE documents` of an append does: writers of one document (appends, compactions)
+    /// take turns, and `delete_document` waits for them.
+    const LOCK_DOCUMENT: &'static str = "SELECT id FROM documents WHERE id = $1 FOR NO KEY UPDATE";
 
     pub(crate) async fn open(url: &str, options: &StoreOptions) -> Result<PgStore, StoreError> {
         let opts = PgConnectOptions::from_str(url).map_err(db_err)?;
@@ -106,6 +110,15 @@ impl PgStore {
 
     async fn begin_write(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
         self.writer.begin().await.map_err(db_err)
+    }
+
+    /// A read-only transaction whose statements all see one snapshot (READ COMMITTED, the
+    /// default, takes a new one per statement).
+    async fn begin_read(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
+        self.reader
+            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .await
+            .map_err(db_err)
     }
 
     async fn append_batch(

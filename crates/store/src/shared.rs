@@ -5,7 +5,7 @@
 //! `CASE`, `COALESCE`. So the `Store` implementation is generated per backend by
 //! [`sql_store!`], which expands the same method bodies against each backend's pool and
 //! row types. A backend module provides `self.reader` / `self.writer` pools, `begin_write`,
-//! `append_batch` and `backend`; everything else is here.
+//! `begin_read`, `append_batch`, `BACKEND` and `LOCK_DOCUMENT`; everything else is here.
 //!
 //! Rows are decoded by column position, in the order of the `*_cols!` lists below.
 
@@ -125,12 +125,40 @@ macro_rules! ban_cols {
         )
     };
 }
+macro_rules! doc_cols {
+    ($p:literal) => {
+        concat!(
+            $p,
+            "id, ",
+            $p,
+            "title, ",
+            $p,
+            "owner_id, ",
+            $p,
+            "created_at, ",
+            $p,
+            "updated_at"
+        )
+    };
+}
+macro_rules! version_cols {
+    () => {
+        "id, doc_id, label, auto, created_by, created_at, size"
+    };
+}
 pub(crate) const FLAG_WIDTH: usize = 10;
+pub(crate) const DOC_WIDTH: usize = 5;
+pub(crate) const VERSION_WIDTH: usize = 7;
+/// The longest version label, in characters.
+pub(crate) const MAX_LABEL_CHARS: usize = 200;
 pub(crate) const ROOM_WIDTH: usize = 7;
 pub(crate) const MEMBER_WIDTH: usize = 6;
 pub(crate) const EVENT_WIDTH: usize = 7;
 
-pub(crate) use {ban_cols, event_cols, flag_cols, member_cols, msg_cols, room_cols, user_cols};
+pub(crate) use {
+    ban_cols, doc_cols, event_cols, flag_cols, member_cols, msg_cols, room_cols, user_cols,
+    version_cols,
+};
 
 /// Parses a stored enum or JSON value; a failure means the database holds something the
 /// schema's CHECK constraints should have kept out.
@@ -189,8 +217,9 @@ macro_rules! sql_store {
         use $crate::error::db_err;
         use $crate::model::*;
         use $crate::shared::{
-            ban_cols, check_text, event_cols, flag_cols, member_cols, msg_cols, page, parse_json,
-            parse_stored, room_cols, user_cols, EVENT_WIDTH, FLAG_WIDTH, MEMBER_WIDTH, ROOM_WIDTH,
+            ban_cols, check_text, doc_cols, event_cols, flag_cols, member_cols, msg_cols, page,
+            parse_json, parse_stored, room_cols, user_cols, version_cols, DOC_WIDTH, EVENT_WIDTH,
+            FLAG_WIDTH, MAX_LABEL_CHARS, MEMBER_WIDTH, ROOM_WIDTH, VERSION_WIDTH,
         };
         use $crate::StoreError;
 
@@ -323,6 +352,37 @@ macro_rules! sql_store {
                 allowed_origins: serde_json::from_value(origins)
                     .map_err(|e| StoreError::Invalid(format!("stored allowed_origins: {e}")))?,
                 created_at: get(row, 4)?,
+            })
+        }
+
+        fn document_at(row: &$row, i: usize) -> Result<Document, StoreError> {
+            Ok(Document {
+                id: get(row, i)?,
+                title: get(row, i + 1)?,
+                owner_id: get(row, i + 2)?,
+                created_at: get(row, i + 3)?,
+                updated_at: get(row, i + 4)?,
+            })
+        }
+
+        fn doc_member_at(row: &$row) -> Result<DocMember, StoreError> {
+            Ok(DocMember {
+                doc_id: get(row, 0)?,
+                user_id: get(row, 1)?,
+                role: parse_stored(get::<&str>(row, 2)?)?,
+                added_at: get(row, 3)?,
+            })
+        }
+
+        fn version_at(row: &$row) -> Result<DocVersion, StoreError> {
+            Ok(DocVersion {
+                id: get(row, 0)?,
+                doc_id: get(row, 1)?,
+                label: get(row, 2)?,
+                auto: get(row, 3)?,
+                created_by: get(row, 4)?,
+                created_at: get(row, 5)?,
+                size: get(row, 6)?,
             })
         }
 
@@ -1525,6 +1585,426 @@ macro_rules! sql_store {
                     role: user.role,
                     created_at,
                 })
+            }
+
+            async fn create_document(&self, doc: NewDocument) -> Result<Document, StoreError> {
+                check_text("title", &doc.title)?;
+                let now = now_ms();
+                // An unknown owner fails the foreign key: NotFound.
+                let id: i64 = sqlx::query_scalar(
+                    "INSERT INTO documents (title, owner_id, created_at, updated_at) \
+                     VALUES ($1, $2, $3, $3) RETURNING id",
+                )
+                .bind(&doc.title)
+                .bind(doc.owner_id)
+                .bind(now)
+                .fetch_one(&self.writer)
+                .await
+                .map_err(db_err)?;
+                Ok(Document {
+                    id,
+                    title: doc.title,
+                    owner_id: doc.owner_id,
+                    created_at: now,
+                    updated_at: now,
+                })
+            }
+
+            async fn document(&self, id: i64) -> Result<Option<Document>, StoreError> {
+                let row = sqlx::query(concat!(
+                    "SELECT ", doc_cols!(""), " FROM documents WHERE id = $1"
+                ))
+                .bind(id)
+                .fetch_optional(&self.reader)
+                .await
+                .map_err(db_err)?;
+                row.map(|r| document_at(&r, 0)).transpose()
+            }
+
+            async fn documents_for_user(
+                &self,
+                user_id: i64,
+            ) -> Result<Vec<DocumentSummary>, StoreError> {
+                // The owner is never a member row, so the two halves never overlap.
+                let rows = sqlx::query(concat!(
+                    "SELECT ", doc_cols!(""), ", 'owner' AS role FROM documents \
+                     WHERE owner_id = $1 \
+                     UNION ALL \
+                     SELECT ", doc_cols!("d."), ", dm.role FROM document_members dm \
+                     JOIN documents d ON d.id = dm.doc_id WHERE dm.user_id = $1 \
+                     ORDER BY updated_at DESC, id DESC"
+                ))
+                .bind(user_id)
+                .fetch_all(&self.reader)
+                .await
+                .map_err(db_err)?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(DocumentSummary {
+                            document: document_at(r, 0)?,
+                            role: parse_stored(get::<&str>(r, DOC_WIDTH)?)?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn rename_document(&self, id: i64, title: &str) -> Result<Document, StoreError> {
+                check_text("title", title)?;
+                let row = sqlx::query(concat!(
+                    "UPDATE documents SET title = $2, \
+                     updated_at = CASE WHEN updated_at < $3 THEN $3 ELSE updated_at END \
+                     WHERE id = $1 RETURNING ", doc_cols!("")
+                ))
+                .bind(id)
+                .bind(title)
+                .bind(now_ms())
+                .fetch_optional(&self.writer)
+                .await
+                .map_err(db_err)?;
+                document_at(&row.ok_or(StoreError::NotFound)?, 0)
+            }
+
+            async fn delete_document(&self, id: i64) -> Result<(), StoreError> {
+                // Members, log, snapshot and versions cascade with the row, all in this one
+                // statement. Its row lock waits out appends and compactions in flight; those
+                // that come later find no document.
+                let done = sqlx::query("DELETE FROM documents WHERE id = $1")
+                    .bind(id)
+                    .execute(&self.writer)
+                    .await
+                    .map_err(db_err)?;
+                if done.rows_affected() == 0 {
+                    return Err(StoreError::NotFound);
+                }
+                Ok(())
+            }
+
+            async fn document_role(
+                &self,
+                doc_id: i64,
+                user_id: i64,
+            ) -> Result<Option<DocRole>, StoreError> {
+                let role: Option<Option<String>> = sqlx::query_scalar(
+                    "SELECT CASE WHEN d.owner_id = $2 THEN 'owner' ELSE dm.role END \
+                     FROM documents d LEFT JOIN document_members dm \
+                     ON dm.doc_id = d.id AND dm.user_id = $2 WHERE d.id = $1",
+                )
+                .bind(doc_id)
+                .bind(user_id)
+                .fetch_optional(&self.reader)
+                .await
+                .map_err(db_err)?;
+                role.flatten().map(|r| parse_stored(&r)).transpose()
+            }
+
+            async fn set_document_member(
+                &self,
+                doc_id: i64,
+                user_id: i64,
+                role: DocRole,
+            ) -> Result<DocMember, StoreError> {
+                if role == DocRole::Owner {
+                    return Err(StoreError::Invalid(
+                        "a document's only owner is its creator".into(),
+                    ));
+                }
+                // The SELECT finds no row for the owner, who is never a member row. An
+                // unknown user fails the foreign key: NotFound.
+                let row = sqlx::query(
+                    "INSERT INTO document_members (doc_id, user_id, role, added_at) \
+                     SELECT id, $2, $3, $4 FROM documents WHERE id = $1 AND owner_id <> $2 \
+                     ON CONFLICT (doc_id, user_id) DO UPDATE SET role = excluded.role \
+                     RETURNING doc_id, user_id, role, added_at",
+                )
+                .bind(doc_id)
+                .bind(user_id)
+                .bind(role.as_str())
+                .bind(now_ms())
+                .fetch_optional(&self.writer)
+                .await
+                .map_err(db_err)?;
+                match row {
+                    Some(r) => doc_member_at(&r),
+                    None => match self.document(doc_id).await? {
+                        Some(d) if d.owner_id == user_id => Err(StoreError::Invalid(
+                            "the owner cannot be made a member".into(),
+                        )),
+                        _ => Err(StoreError::NotFound),
+                    },
+                }
+            }
+
+            async fn remove_document_member(
+                &self,
+                doc_id: i64,
+                user_id: i64,
+            ) -> Result<(), StoreError> {
+                let done =
+                    sqlx::query("DELETE FROM document_members WHERE doc_id = $1 AND user_id = $2")
+                        .bind(doc_id)
+                        .bind(user_id)
+                        .execute(&self.writer)
+                        .await
+                        .map_err(db_err)?;
+                if done.rows_affected() == 0 {
+                    return Err(StoreError::NotFound);
+                }
+                Ok(())
+            }
+
+            async fn document_members(&self, doc_id: i64) -> Result<Vec<DocMember>, StoreError> {
+                let rows = sqlx::query(
+                    "SELECT doc_id, user_id, role, added_at FROM document_members \
+                     WHERE doc_id = $1 ORDER BY user_id",
+                )
+                .bind(doc_id)
+                .fetch_all(&self.reader)
+                .await
+                .map_err(db_err)?;
+                rows.iter().map(doc_member_at).collect()
+            }
+
+            async fn append_doc_updates(
+                &self,
+                updates: Vec<NewDocUpdate>,
+            ) -> Result<Vec<Option<i64>>, StoreError> {
+                if updates.is_empty() {
+                    return Ok(Vec::new());
+                }
+                if updates.iter().any(|u| u.data.is_empty()) {
+                    return Err(StoreError::Invalid("a document update cannot be empty".into()));
+                }
+                let now = now_ms();
+                let docs: std::collections::BTreeSet<i64> =
+                    updates.iter().map(|u| u.doc_id).collect();
+                let mut tx = self.begin_write().await?;
+                // Each document's row first, in ascending id order so that batches cannot
+                // deadlock on each other. The row stays locked until commit, so one
+                // document's seqs commit in the order they are taken; a document deleted
+                // before we got here is simply absent.
+                let mut live = std::collections::BTreeSet::new();
+                for doc_id in docs {
+                    let found: Option<i64> = sqlx::query_scalar(
+                        "UPDATE documents SET \
+                         updated_at = CASE WHEN updated_at < $2 THEN $2 ELSE updated_at END \
+                         WHERE id = $1 RETURNING id",
+                    )
+                    .bind(doc_id)
+                    .bind(now)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+                    if found.is_some() {
+                        live.insert(doc_id);
+                    }
+                }
+                let mut seqs = Vec::with_capacity(updates.len());
+                for u in &updates {
+                    if !live.contains(&u.doc_id) {
+                        seqs.push(None);
+                        continue;
+                    }
+                    let seq: i64 = sqlx::query_scalar(
+                        "INSERT INTO doc_updates (doc_id, data, created_at) \
+                         VALUES ($1, $2, $3) RETURNING seq",
+                    )
+                    .bind(u.doc_id)
+                    .bind(u.data.as_slice())
+                    .bind(now)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+                    seqs.push(Some(seq));
+                }
+                tx.commit().await.map_err(db_err)?;
+                let skipped = seqs.iter().filter(|s| s.is_none()).count();
+                if skipped > 0 {
+                    tracing::debug!(skipped, "updates to deleted documents skipped");
+                }
+                Ok(seqs)
+            }
+
+            async fn load_document(&self, doc_id: i64) -> Result<Option<DocContent>, StoreError> {
+                // One read transaction: the snapshot and the log come from the same state,
+                // never an old snapshot with a log a compaction has already trimmed.
+                let mut tx = self.begin_read().await?;
+                let head = sqlx::query(
+                    "SELECT d.id, s.snapshot_seq, s.data FROM documents d \
+                     LEFT JOIN doc_snapshots s ON s.doc_id = d.id WHERE d.id = $1",
+                )
+                .bind(doc_id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_err)?;
+                let Some(head) = head else {
+                    return Ok(None);
+                };
+                let snapshot_seq = get::<Option<i64>>(&head, 1)?.unwrap_or(0);
+                let snapshot: Option<Vec<u8>> = get(&head, 2)?;
+                let updates = sqlx::query_as::<_, (i64, Vec<u8>)>(
+                    "SELECT seq, data FROM doc_updates WHERE doc_id = $1 AND seq > $2 ORDER BY seq",
+                )
+                .bind(doc_id)
+                .bind(snapshot_seq)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db_err)?;
+                tx.commit().await.map_err(db_err)?;
+                Ok(Some(DocContent {
+                    snapshot,
+                    snapshot_seq,
+                    updates: updates
+                        .into_iter()
+                        .map(|(seq, data)| DocUpdate { seq, data })
+                        .collect(),
+                }))
+            }
+
+            async fn compact_document(
+                &self,
+                doc_id: i64,
+                snapshot: Vec<u8>,
+                through_seq: i64,
+            ) -> Result<(), StoreError> {
+                if snapshot.is_empty() {
+                    return Err(StoreError::Invalid("a snapshot cannot be empty".into()));
+                }
+                let mut tx = self.begin_write().await?;
+                // The document's row first, as in append_doc_updates: compactions of one
+                // document run one at a time, so the checks below hold until commit, and
+                // delete_document waits for them.
+                let found: Option<i64> = sqlx::query_scalar(Self::LOCK_DOCUMENT)
+                    .bind(doc_id)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+                if found.is_none() {
+                    return Err(StoreError::NotFound);
+                }
+                let (stored, newest): (Option<i64>, Option<i64>) = sqlx::query_as(
+                    "SELECT (SELECT snapshot_seq FROM doc_snapshots WHERE doc_id = $1), \
+                     (SELECT MAX(seq) FROM doc_updates WHERE doc_id = $1)",
+                )
+                .bind(doc_id)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db_err)?;
+                if through_seq <= stored.unwrap_or(0) {
+                    // Stale: a newer snapshot is already stored. Nothing changes.
+                    return Ok(());
+                }
+                if newest.is_none_or(|n| through_seq > n) {
+                    return Err(StoreError::Invalid(
+                        "through_seq is beyond the document's log".into(),
+                    ));
+                }
+                sqlx::query(
+                    "INSERT INTO doc_snapshots (doc_id, snapshot_seq, data, updated_at) \
+                     VALUES ($1, $2, $3, $4) ON CONFLICT (doc_id) DO UPDATE SET \
+                     snapshot_seq = excluded.snapshot_seq, data = excluded.data, \
+                     updated_at = excluded.updated_at",
+                )
+                .bind(doc_id)
+                .bind(through_seq)
+                .bind(snapshot.as_slice())
+                .bind(now_ms())
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+                sqlx::query("DELETE FROM doc_updates WHERE doc_id = $1 AND seq <= $2")
+                    .bind(doc_id)
+                    .bind(through_seq)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+                tx.commit().await.map_err(db_err)?;
+                Ok(())
+            }
+
+            async fn create_doc_version(
+                &self,
+                version: NewDocVersion,
+            ) -> Result<DocVersion, StoreError> {
+                check_text("label", &version.label)?;
+                if version.label.chars().count() > MAX_LABEL_CHARS {
+                    return Err(StoreError::Invalid(format!(
+                        "a version label is at most {MAX_LABEL_CHARS} characters"
+                    )));
+                }
+                if version.state.is_empty() {
+                    return Err(StoreError::Invalid("a version's state cannot be empty".into()));
+                }
+                let created_at = now_ms();
+                let size = version.state.len() as i64;
+                // An unknown document fails the foreign key: NotFound.
+                let id: i64 = sqlx::query_scalar(
+                    "INSERT INTO doc_versions \
+                     (doc_id, label, auto, created_by, created_at, size, state) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+                )
+                .bind(version.doc_id)
+                .bind(&version.label)
+                .bind(version.auto)
+                .bind(version.created_by)
+                .bind(created_at)
+                .bind(size)
+                .bind(version.state.as_slice())
+                .fetch_one(&self.writer)
+                .await
+                .map_err(db_err)?;
+                Ok(DocVersion {
+                    id,
+                    doc_id: version.doc_id,
+                    label: version.label,
+                    auto: version.auto,
+                    created_by: version.created_by,
+                    created_at,
+                    size,
+                })
+            }
+
+            async fn doc_versions(&self, doc_id: i64) -> Result<Vec<DocVersion>, StoreError> {
+                let rows = sqlx::query(concat!(
+                    "SELECT ", version_cols!(), " FROM doc_versions WHERE doc_id = $1 \
+                     ORDER BY id DESC"
+                ))
+                .bind(doc_id)
+                .fetch_all(&self.reader)
+                .await
+                .map_err(db_err)?;
+                rows.iter().map(version_at).collect()
+            }
+
+            async fn doc_version(
+                &self,
+                doc_id: i64,
+                version_id: i64,
+            ) -> Result<Option<(DocVersion, Vec<u8>)>, StoreError> {
+                let row = sqlx::query(concat!(
+                    "SELECT ", version_cols!(), ", state FROM doc_versions \
+                     WHERE id = $1 AND doc_id = $2"
+                ))
+                .bind(version_id)
+                .bind(doc_id)
+                .fetch_optional(&self.reader)
+                .await
+                .map_err(db_err)?;
+                row.map(|r| Ok((version_at(&r)?, get(&r, VERSION_WIDTH)?)))
+                    .transpose()
+            }
+
+            async fn prune_auto_versions(&self, doc_id: i64, keep: u32) -> Result<u64, StoreError> {
+                let done = sqlx::query(
+                    "DELETE FROM doc_versions WHERE doc_id = $1 AND auto = TRUE AND id NOT IN ( \
+                         SELECT id FROM doc_versions WHERE doc_id = $1 AND auto = TRUE \
+                         ORDER BY id DESC LIMIT $2)",
+                )
+                .bind(doc_id)
+                .bind(i64::from(keep))
+                .execute(&self.writer)
+                .await
+                .map_err(db_err)?;
+                Ok(done.rows_affected())
             }
         }
     };

@@ -69,6 +69,9 @@ fn is_memory(url: &str) -> bool {
 
 impl SqliteStore {
     const BACKEND: Backend = Backend::Sqlite;
+    /// Finds a document inside a write transaction. No lock clause: `BEGIN IMMEDIATE`
+    /// already holds the database's write lock, which excludes every other writer.
+    const LOCK_DOCUMENT: &'static str = "SELECT id FROM documents WHERE id = $1";
 
     /// Opens (creating the file and its directory if needed) and migrates.
     pub(crate) async fn open(url: &str, options: &StoreOptions) -> Result<SqliteStore, StoreError> {
@@ -127,6 +130,11 @@ impl SqliteStore {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(db_err)
+    }
+
+    /// A read transaction: in WAL mode its reads all see the database as of its first one.
+    async fn begin_read(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
+        self.reader.begin().await.map_err(db_err)
     }
 
     /// `append_messages` for SQLite. The write lock is held from `BEGIN IMMEDIATE`, so what

@@ -9,7 +9,8 @@ use crate::StoreError;
 pub const MAX_PAGE: u32 = 10_000;
 
 /// Durable storage for accounts, rooms, the rooms' message streams, moderation (flags and
-/// bans), notifications, presence (`last_seen`), sites and the audit log.
+/// bans), notifications, presence (`last_seen`), sites, collaborative documents and the
+/// audit log.
 ///
 /// Implemented over SQLite and PostgreSQL with identical behaviour (one test suite runs
 /// against both). Object safe: the server holds an `Arc<dyn Store>` chosen by [`crate::open`].
@@ -244,6 +245,88 @@ pub trait Store: Send + Sync + 'static {
         external_id: &str,
         user: NewUser,
     ) -> Result<User, StoreError>;
+
+    // ----- documents -----
+    //
+    // A document's content is a Yjs update log plus, once compacted, a snapshot of
+    // everything up to `snapshot_seq`. Seqs come from one counter for the whole table and
+    // are never reused. Within a document they commit in increasing order (an append holds
+    // the document's row while it takes them), so a load always sees a prefix of the
+    // document's log, and compacting through a seq the caller has loaded never drops an
+    // update it has not seen.
+
+    /// `NotFound` if the owner does not exist. created_at = updated_at = now.
+    async fn create_document(&self, doc: NewDocument) -> Result<Document, StoreError>;
+    async fn document(&self, id: i64) -> Result<Option<Document>, StoreError>;
+    /// Documents the user owns or is a member of, with the user's role; most recently updated
+    /// first (ties: higher id first).
+    async fn documents_for_user(&self, user_id: i64) -> Result<Vec<DocumentSummary>, StoreError>;
+    /// Renames; bumps updated_at. `NotFound` if absent.
+    async fn rename_document(&self, id: i64, title: &str) -> Result<Document, StoreError>;
+    /// Deletes the document with its members, update log, snapshot and versions, in one
+    /// transaction. `NotFound` if absent.
+    async fn delete_document(&self, id: i64) -> Result<(), StoreError>;
+    /// The user's role: `Owner` for documents.owner_id, the member row's role otherwise, `None`
+    /// for no access (or no such document).
+    async fn document_role(&self, doc_id: i64, user_id: i64)
+        -> Result<Option<DocRole>, StoreError>;
+    /// Adds or changes a member (upsert; added_at kept on change). `Invalid` for role Owner or
+    /// for the owner's own user id, `NotFound` if the document or user does not exist.
+    async fn set_document_member(
+        &self,
+        doc_id: i64,
+        user_id: i64,
+        role: DocRole,
+    ) -> Result<DocMember, StoreError>;
+    /// `NotFound` if not a member.
+    async fn remove_document_member(&self, doc_id: i64, user_id: i64) -> Result<(), StoreError>;
+    /// Member rows (not the owner), by user id.
+    async fn document_members(&self, doc_id: i64) -> Result<Vec<DocMember>, StoreError>;
+    /// Appends updates to their documents' logs in ONE transaction (group commit) and bumps
+    /// those documents' updated_at. Returns one entry per input, in order: the assigned seq, or
+    /// `None` when that document no longer exists (skipped, never an error: a document deleted
+    /// while edits were in flight must not fail the batch). seq is a per-table increasing id
+    /// (strictly increasing within a document, in input order). Empty `data` is `Invalid`.
+    ///
+    /// `Invalid` (for an empty `data` anywhere in the batch) is checked before anything is
+    /// written: the whole call fails and nothing is stored.
+    async fn append_doc_updates(
+        &self,
+        updates: Vec<NewDocUpdate>,
+    ) -> Result<Vec<Option<i64>>, StoreError>;
+    /// The snapshot and the log after it. `None` if there is no such document.
+    ///
+    /// Both are read from one consistent view of the database, so a compaction running at
+    /// the same time is seen entirely or not at all.
+    async fn load_document(&self, doc_id: i64) -> Result<Option<DocContent>, StoreError>;
+    /// Compaction, in ONE transaction: stores `snapshot` as the document's snapshot with
+    /// snapshot_seq = through_seq (replacing any older one) and deletes log entries with seq <=
+    /// through_seq. A call whose through_seq is not above the stored snapshot_seq changes
+    /// nothing (Ok). `NotFound` if the document is gone.
+    ///
+    /// `Invalid` for an empty snapshot, or for a `through_seq` above the document's newest
+    /// log entry (a seq the document never had: later appends would get seqs at or below
+    /// it, and loads would skip them).
+    async fn compact_document(
+        &self,
+        doc_id: i64,
+        snapshot: Vec<u8>,
+        through_seq: i64,
+    ) -> Result<(), StoreError>;
+    /// `NotFound` if the document does not exist; `Invalid` for empty state or a label over 200
+    /// chars.
+    async fn create_doc_version(&self, version: NewDocVersion) -> Result<DocVersion, StoreError>;
+    /// Newest first (by id).
+    async fn doc_versions(&self, doc_id: i64) -> Result<Vec<DocVersion>, StoreError>;
+    /// The version's metadata and state, only if it belongs to `doc_id`.
+    async fn doc_version(
+        &self,
+        doc_id: i64,
+        version_id: i64,
+    ) -> Result<Option<(DocVersion, Vec<u8>)>, StoreError>;
+    /// Deletes all but the newest `keep` automatic versions of the document; returns how many
+    /// were deleted. Named (non-auto) versions are never deleted.
+    async fn prune_auto_versions(&self, doc_id: i64, keep: u32) -> Result<u64, StoreError>;
 
     // ----- audit -----
 
