@@ -1472,3 +1472,754 @@ pub async fn sites(store: Arc<dyn Store>) {
     let plain = user(&store, "plain").await;
     assert_eq!(store.site_user(a.id, &plain.username).await.unwrap(), None);
 }
+
+// ----- documents -----
+
+async fn document(store: &Arc<dyn Store>, owner_id: i64, title: &str) -> Document {
+    store
+        .create_document(NewDocument {
+            owner_id,
+            title: title.to_owned(),
+        })
+        .await
+        .unwrap()
+}
+
+fn update(doc_id: i64, data: &[u8]) -> NewDocUpdate {
+    NewDocUpdate {
+        doc_id,
+        data: data.to_vec(),
+    }
+}
+
+fn version(doc_id: i64, label: &str, auto: bool, state: &[u8]) -> NewDocVersion {
+    NewDocVersion {
+        doc_id,
+        label: label.to_owned(),
+        auto,
+        created_by: None,
+        state: state.to_vec(),
+    }
+}
+
+/// updated_at has millisecond resolution: wait until the clock has moved on.
+async fn next_ms() {
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+}
+
+fn ids_and_roles(list: &[DocumentSummary]) -> Vec<(i64, DocRole)> {
+    list.iter().map(|s| (s.document.id, s.role)).collect()
+}
+
+pub async fn documents_and_roles(store: Arc<dyn Store>) {
+    let alice = user(&store, "alice").await;
+    let bob = user(&store, "bob").await;
+    let carol = user(&store, "carol").await;
+    let dave = user(&store, "dave").await;
+    let plan = document(&store, alice.id, "Plan").await;
+    assert_eq!((plan.title.as_str(), plan.owner_id), ("Plan", alice.id));
+    assert_eq!(plan.created_at, plan.updated_at);
+    assert_eq!(store.document(plan.id).await.unwrap().unwrap(), plan);
+    assert_eq!(store.document(plan.id + 1000).await.unwrap(), None);
+    let notes = document(&store, alice.id, "Notes").await;
+    let bobs = document(&store, bob.id, "Bob's").await;
+
+    let err = store
+        .create_document(NewDocument {
+            owner_id: 999_999,
+            title: "orphan".into(),
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound), "{err:?}");
+    let err = store
+        .create_document(NewDocument {
+            owner_id: alice.id,
+            title: "a\0b".into(),
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Invalid(_)), "{err:?}");
+    // Any other text is the caller's to judge, the empty title included.
+    assert_eq!(document(&store, dave.id, "").await.title, "");
+
+    store
+        .set_document_member(plan.id, bob.id, DocRole::Editor)
+        .await
+        .unwrap();
+    store
+        .set_document_member(plan.id, carol.id, DocRole::Viewer)
+        .await
+        .unwrap();
+    store
+        .set_document_member(bobs.id, alice.id, DocRole::Viewer)
+        .await
+        .unwrap();
+
+    // Renaming bumps updated_at, which moves the document to the top of its users' lists.
+    next_ms().await;
+    let renamed = store.rename_document(plan.id, "Plan v2").await.unwrap();
+    assert_eq!(renamed.title, "Plan v2");
+    assert_eq!(renamed.created_at, plan.created_at);
+    assert!(renamed.updated_at > plan.updated_at, "{renamed:?}");
+    assert_eq!(store.document(plan.id).await.unwrap().unwrap(), renamed);
+    let err = store
+        .rename_document(plan.id + 1000, "x")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound), "{err:?}");
+    let err = store.rename_document(plan.id, "x\0").await.unwrap_err();
+    assert!(matches!(err, StoreError::Invalid(_)), "{err:?}");
+
+    // Most recently updated first; notes and bobs may share a millisecond, and then the
+    // higher id comes first.
+    use DocRole::*;
+    let alices = store.documents_for_user(alice.id).await.unwrap();
+    assert_eq!(
+        ids_and_roles(&alices),
+        vec![(plan.id, Owner), (bobs.id, Viewer), (notes.id, Owner)]
+    );
+    assert_eq!(alices[0].document, renamed);
+    assert_eq!(
+        ids_and_roles(&store.documents_for_user(bob.id).await.unwrap()),
+        vec![(plan.id, Editor), (bobs.id, Owner)]
+    );
+    assert_eq!(
+        ids_and_roles(&store.documents_for_user(carol.id).await.unwrap()),
+        vec![(plan.id, Viewer)]
+    );
+    let stranger = user(&store, "stranger").await;
+    assert!(store
+        .documents_for_user(stranger.id)
+        .await
+        .unwrap()
+        .is_empty());
+
+    // An appended update bumps updated_at too.
+    next_ms().await;
+    let seqs = store
+        .append_doc_updates(vec![update(notes.id, b"\x01\x02")])
+        .await
+        .unwrap();
+    assert!(seqs[0].is_some());
+    let bumped = store.document(notes.id).await.unwrap().unwrap();
+    assert!(bumped.updated_at > renamed.updated_at, "{bumped:?}");
+    assert_eq!(
+        ids_and_roles(&store.documents_for_user(alice.id).await.unwrap()),
+        vec![(notes.id, Owner), (plan.id, Owner), (bobs.id, Viewer)]
+    );
+
+    for (doc, who, role) in [
+        (plan.id, alice.id, Some(Owner)),
+        (plan.id, bob.id, Some(Editor)),
+        (plan.id, carol.id, Some(Viewer)),
+        (plan.id, stranger.id, None),
+        (bobs.id, alice.id, Some(Viewer)),
+        (bobs.id, carol.id, None),
+        (plan.id + 1000, alice.id, None),
+    ] {
+        assert_eq!(
+            store.document_role(doc, who).await.unwrap(),
+            role,
+            "doc {doc} user {who}"
+        );
+    }
+}
+
+pub async fn document_members(store: Arc<dyn Store>) {
+    let alice = user(&store, "alice").await;
+    let bob = user(&store, "bob").await;
+    let carol = user(&store, "carol").await;
+    let doc = document(&store, alice.id, "Shared").await;
+    assert!(store.document_members(doc.id).await.unwrap().is_empty());
+
+    let added = store
+        .set_document_member(doc.id, bob.id, DocRole::Viewer)
+        .await
+        .unwrap();
+    assert_eq!(
+        (added.doc_id, added.user_id, added.role),
+        (doc.id, bob.id, DocRole::Viewer)
+    );
+    // A change of role is an upsert that keeps added_at.
+    next_ms().await;
+    let changed = store
+        .set_document_member(doc.id, bob.id, DocRole::Editor)
+        .await
+        .unwrap();
+    assert_eq!(changed.role, DocRole::Editor);
+    assert_eq!(changed.added_at, added.added_at);
+    let carols = store
+        .set_document_member(doc.id, carol.id, DocRole::Viewer)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.document_members(doc.id).await.unwrap(),
+        vec![changed.clone(), carols.clone()],
+        "by user id, without the owner"
+    );
+    assert_eq!(
+        store.document_role(doc.id, bob.id).await.unwrap(),
+        Some(DocRole::Editor)
+    );
+
+    // Owner is nobody's member role, and the owner is nobody's member.
+    for (who, role) in [
+        (bob.id, DocRole::Owner),
+        (alice.id, DocRole::Editor),
+        (alice.id, DocRole::Owner),
+    ] {
+        let err = store
+            .set_document_member(doc.id, who, role)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::Invalid(_)),
+            "{who} {role}: {err:?}"
+        );
+    }
+    assert_eq!(
+        store.document_role(doc.id, alice.id).await.unwrap(),
+        Some(DocRole::Owner)
+    );
+    for (doc_id, who) in [(doc.id + 1000, bob.id), (doc.id, 999_999)] {
+        let err = store
+            .set_document_member(doc_id, who, DocRole::Viewer)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::NotFound), "{err:?}");
+    }
+
+    store.remove_document_member(doc.id, bob.id).await.unwrap();
+    let err = store
+        .remove_document_member(doc.id, bob.id)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound), "{err:?}");
+    let err = store
+        .remove_document_member(doc.id, alice.id)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::NotFound),
+        "the owner is not a member: {err:?}"
+    );
+    assert_eq!(store.document_role(doc.id, bob.id).await.unwrap(), None);
+    assert_eq!(store.document_members(doc.id).await.unwrap(), vec![carols]);
+    // Added again later: a new added_at.
+    next_ms().await;
+    let again = store
+        .set_document_member(doc.id, bob.id, DocRole::Viewer)
+        .await
+        .unwrap();
+    assert!(again.added_at > added.added_at);
+
+    // A share notification round-trips with its kind.
+    let stored = store
+        .add_notifications(vec![NewNotification {
+            user_id: bob.id,
+            kind: NotificationKind::Share,
+            room_id: None,
+            message_id: None,
+            actor_id: Some(alice.id),
+            data: json!({"document_id": doc.id, "title": doc.title, "role": DocRole::Viewer}),
+        }])
+        .await
+        .unwrap();
+    let listed = store
+        .notifications(NotificationQuery {
+            user_id: bob.id,
+            unread_only: true,
+            before_id: None,
+            limit: 10,
+        })
+        .await
+        .unwrap();
+    assert_eq!(listed, stored);
+    assert_eq!(listed[0].kind, NotificationKind::Share);
+    assert_eq!(
+        listed[0].data,
+        json!({"document_id": doc.id, "title": "Shared", "role": "viewer"})
+    );
+}
+
+pub async fn document_update_log(store: Arc<dyn Store>) {
+    let alice = user(&store, "alice").await;
+    let a = document(&store, alice.id, "a").await;
+    let b = document(&store, alice.id, "b").await;
+    let fresh = store.load_document(a.id).await.unwrap().unwrap();
+    assert_eq!(
+        fresh,
+        DocContent {
+            snapshot: None,
+            snapshot_seq: 0,
+            updates: vec![]
+        }
+    );
+    assert_eq!(store.load_document(a.id + 1000).await.unwrap(), None);
+    assert!(store.append_doc_updates(vec![]).await.unwrap().is_empty());
+
+    // One batch across two documents: one seq per input, increasing in input order.
+    let seqs = store
+        .append_doc_updates(vec![
+            update(a.id, b"a1"),
+            update(b.id, b"b1"),
+            update(a.id, b"a2"),
+            update(a.id, b"a3"),
+            update(b.id, b"b2"),
+        ])
+        .await
+        .unwrap();
+    let seqs: Vec<i64> = seqs.into_iter().map(Option::unwrap).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    let log = |c: &DocContent| -> Vec<(i64, Vec<u8>)> {
+        c.updates.iter().map(|u| (u.seq, u.data.clone())).collect()
+    };
+    let loaded = store.load_document(a.id).await.unwrap().unwrap();
+    assert_eq!((loaded.snapshot.as_deref(), loaded.snapshot_seq), (None, 0));
+    assert_eq!(
+        log(&loaded),
+        vec![
+            (seqs[0], b"a1".to_vec()),
+            (seqs[2], b"a2".to_vec()),
+            (seqs[3], b"a3".to_vec())
+        ]
+    );
+    assert_eq!(
+        log(&store.load_document(b.id).await.unwrap().unwrap()),
+        vec![(seqs[1], b"b1".to_vec()), (seqs[4], b"b2".to_vec())]
+    );
+
+    // A deleted document's updates are skipped; the rest of the batch commits.
+    let gone = document(&store, alice.id, "gone").await;
+    store.delete_document(gone.id).await.unwrap();
+    let out = store
+        .append_doc_updates(vec![
+            update(a.id, b"a4"),
+            update(gone.id, b"lost"),
+            update(b.id, b"b3"),
+            update(gone.id + 1000, b"never"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(out.len(), 4);
+    assert!(out[0].unwrap() > seqs[4]);
+    assert_eq!((out[1], out[3]), (None, None));
+    assert!(out[2].unwrap() > out[0].unwrap());
+    assert_eq!(
+        store
+            .load_document(a.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .updates
+            .last()
+            .unwrap(),
+        &DocUpdate {
+            seq: out[0].unwrap(),
+            data: b"a4".to_vec()
+        }
+    );
+    assert_eq!(store.load_document(gone.id).await.unwrap(), None);
+
+    // An empty update fails the whole call, and nothing of it is stored.
+    let before = store.load_document(a.id).await.unwrap().unwrap();
+    let err = store
+        .append_doc_updates(vec![update(a.id, b"a5"), update(b.id, b"")])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Invalid(_)), "{err:?}");
+    assert_eq!(store.load_document(a.id).await.unwrap().unwrap(), before);
+}
+
+/// Concurrent batches into one document: every seq is unique, and each writer's updates
+/// are in its own order in the log.
+pub async fn document_appends_under_concurrency(store: Arc<dyn Store>) {
+    const WRITERS: u8 = 8;
+    const EACH: u8 = 20;
+    let alice = user(&store, "alice").await;
+    let doc = document(&store, alice.id, "busy").await;
+    let other = document(&store, alice.id, "other").await;
+    let mut tasks = Vec::new();
+    for w in 0..WRITERS {
+        let store = store.clone();
+        let (doc_id, other_id) = (doc.id, other.id);
+        tasks.push(tokio::spawn(async move {
+            for k in (0..EACH).step_by(2) {
+                // Half the batches touch both documents, in either order.
+                let mut batch = vec![update(doc_id, &[w, k]), update(doc_id, &[w, k + 1])];
+                if k % 4 == 0 {
+                    batch.insert(usize::from(w % 2), update(other_id, &[w, k]));
+                }
+                for seq in store.append_doc_updates(batch).await.unwrap() {
+                    assert!(seq.is_some());
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let log = store.load_document(doc.id).await.unwrap().unwrap().updates;
+    assert_eq!(log.len(), usize::from(WRITERS) * usize::from(EACH));
+    assert!(log.windows(2).all(|p| p[0].seq < p[1].seq));
+    for w in 0..WRITERS {
+        let mine: Vec<u8> = log
+            .iter()
+            .filter(|u| u.data[0] == w)
+            .map(|u| u.data[1])
+            .collect();
+        assert_eq!(mine, (0..EACH).collect::<Vec<_>>(), "writer {w}");
+    }
+}
+
+pub async fn document_compaction(store: Arc<dyn Store>) {
+    let alice = user(&store, "alice").await;
+    let doc = document(&store, alice.id, "compact me").await;
+    let seqs: Vec<i64> = store
+        .append_doc_updates((1..=5u8).map(|i| update(doc.id, &[i])).collect())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(Option::unwrap)
+        .collect();
+    let seqs_of = |c: &DocContent| -> Vec<i64> { c.updates.iter().map(|u| u.seq).collect() };
+
+    store
+        .compact_document(doc.id, b"snap-3".to_vec(), seqs[2])
+        .await
+        .unwrap();
+    let loaded = store.load_document(doc.id).await.unwrap().unwrap();
+    assert_eq!(loaded.snapshot.as_deref(), Some(&b"snap-3"[..]));
+    assert_eq!(loaded.snapshot_seq, seqs[2]);
+    assert_eq!(seqs_of(&loaded), vec![seqs[3], seqs[4]]);
+    assert_eq!(loaded.updates[0].data, vec![4]);
+
+    // Stale compactions (at or below the stored snapshot_seq) change nothing.
+    for stale in [seqs[1], seqs[2], 0, -1] {
+        store
+            .compact_document(doc.id, b"stale".to_vec(), stale)
+            .await
+            .unwrap();
+        assert_eq!(store.load_document(doc.id).await.unwrap().unwrap(), loaded);
+    }
+
+    // A later compaction replaces the snapshot.
+    let more: Vec<i64> = store
+        .append_doc_updates(vec![update(doc.id, &[6]), update(doc.id, &[7])])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(Option::unwrap)
+        .collect();
+    store
+        .compact_document(doc.id, b"snap-6".to_vec(), more[0])
+        .await
+        .unwrap();
+    let loaded = store.load_document(doc.id).await.unwrap().unwrap();
+    assert_eq!(
+        (loaded.snapshot.as_deref(), loaded.snapshot_seq),
+        (Some(&b"snap-6"[..]), more[0])
+    );
+    assert_eq!(seqs_of(&loaded), vec![more[1]]);
+
+    // Refused: an empty snapshot, a seq the document never had, a document that is gone.
+    for (snapshot, through) in [(vec![], more[1]), (b"x".to_vec(), more[1] + 1)] {
+        let err = store
+            .compact_document(doc.id, snapshot, through)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Invalid(_)), "{err:?}");
+    }
+    assert_eq!(store.load_document(doc.id).await.unwrap().unwrap(), loaded);
+    let err = store
+        .compact_document(doc.id + 1000, b"x".to_vec(), 1)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound), "{err:?}");
+
+    // Compacting the whole log: later updates still get higher seqs (never reused), so the
+    // next load sees them.
+    store
+        .compact_document(doc.id, b"snap-7".to_vec(), more[1])
+        .await
+        .unwrap();
+    let loaded = store.load_document(doc.id).await.unwrap().unwrap();
+    assert!(loaded.updates.is_empty());
+    assert_eq!(loaded.snapshot_seq, more[1]);
+    let next = store
+        .append_doc_updates(vec![update(doc.id, &[8])])
+        .await
+        .unwrap()[0]
+        .unwrap();
+    assert!(next > more[1], "{next} after {}", more[1]);
+    assert_eq!(
+        seqs_of(&store.load_document(doc.id).await.unwrap().unwrap()),
+        vec![next]
+    );
+}
+
+/// Loads while the log is appended to and compacted: every load is one consistent state,
+/// a snapshot merging the first `n` updates followed by updates `n`, `n + 1`, ... with
+/// none missing (an old snapshot with an already trimmed log would skip some).
+pub async fn document_load_during_compaction(store: Arc<dyn Store>) {
+    const ROUNDS: u32 = 60;
+    let alice = user(&store, "alice").await;
+    let doc_id = document(&store, alice.id, "hot").await.id;
+    let writer = tokio::spawn({
+        let store = store.clone();
+        async move {
+            let mut seqs = Vec::new();
+            for i in 0..ROUNDS {
+                let out = store
+                    .append_doc_updates(vec![update(doc_id, &i.to_be_bytes())])
+                    .await
+                    .unwrap();
+                seqs.push(out[0].unwrap());
+                if i % 3 == 2 {
+                    // Merge all but the newest: the snapshot says how many it holds.
+                    let merged = seqs.len() - 1;
+                    let snapshot = (merged as u32).to_be_bytes().to_vec();
+                    store
+                        .compact_document(doc_id, snapshot, seqs[merged - 1])
+                        .await
+                        .unwrap();
+                }
+            }
+        }
+    });
+    let as_u32 = |b: &[u8]| u32::from_be_bytes(b.try_into().unwrap());
+    let mut loads = 0;
+    while !writer.is_finished() {
+        let content = store.load_document(doc_id).await.unwrap().unwrap();
+        let merged = content.snapshot.as_deref().map_or(0, as_u32);
+        let got: Vec<u32> = content.updates.iter().map(|u| as_u32(&u.data)).collect();
+        let want: Vec<u32> = (merged..merged + got.len() as u32).collect();
+        assert_eq!(got, want, "snapshot of {merged} updates, then {got:?}");
+        loads += 1;
+    }
+    writer.await.unwrap();
+    assert!(loads > 0);
+    let last = store.load_document(doc_id).await.unwrap().unwrap();
+    assert_eq!(last.snapshot.as_deref().map(as_u32), Some(ROUNDS - 1));
+    assert_eq!(last.updates.len(), 1);
+}
+
+pub async fn document_delete_cascades(store: Arc<dyn Store>) {
+    let alice = user(&store, "alice").await;
+    let bob = user(&store, "bob").await;
+    let doc = document(&store, alice.id, "doomed").await;
+    let keep = document(&store, alice.id, "kept").await;
+    for d in [doc.id, keep.id] {
+        store
+            .set_document_member(d, bob.id, DocRole::Editor)
+            .await
+            .unwrap();
+        let seqs = store
+            .append_doc_updates(vec![update(d, b"one"), update(d, b"two")])
+            .await
+            .unwrap();
+        store
+            .compact_document(d, b"snap".to_vec(), seqs[0].unwrap())
+            .await
+            .unwrap();
+    }
+    let v = store
+        .create_doc_version(version(doc.id, "v1", false, b"state"))
+        .await
+        .unwrap();
+    store
+        .create_doc_version(version(keep.id, "v1", false, b"state"))
+        .await
+        .unwrap();
+    let kept_before = store.load_document(keep.id).await.unwrap().unwrap();
+
+    store.delete_document(doc.id).await.unwrap();
+    assert_eq!(store.document(doc.id).await.unwrap(), None);
+    assert_eq!(store.load_document(doc.id).await.unwrap(), None);
+    assert!(store.document_members(doc.id).await.unwrap().is_empty());
+    assert!(store.doc_versions(doc.id).await.unwrap().is_empty());
+    assert_eq!(store.doc_version(doc.id, v.id).await.unwrap(), None);
+    assert_eq!(store.document_role(doc.id, bob.id).await.unwrap(), None);
+    assert_eq!(store.document_role(doc.id, alice.id).await.unwrap(), None);
+    assert_eq!(
+        ids_and_roles(&store.documents_for_user(bob.id).await.unwrap()),
+        vec![(keep.id, DocRole::Editor)]
+    );
+    let err = store.delete_document(doc.id).await.unwrap_err();
+    assert!(matches!(err, StoreError::NotFound), "{err:?}");
+    let err = store
+        .create_doc_version(version(doc.id, "late", true, b"s"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound), "{err:?}");
+    let err = store
+        .set_document_member(doc.id, bob.id, DocRole::Viewer)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound), "{err:?}");
+    let err = store.rename_document(doc.id, "back").await.unwrap_err();
+    assert!(matches!(err, StoreError::NotFound), "{err:?}");
+
+    // The other document is untouched.
+    assert_eq!(
+        store.load_document(keep.id).await.unwrap().unwrap(),
+        kept_before
+    );
+    assert_eq!(store.doc_versions(keep.id).await.unwrap().len(), 1);
+    assert_eq!(store.document_members(keep.id).await.unwrap().len(), 1);
+}
+
+pub async fn document_versions(store: Arc<dyn Store>) {
+    let alice = user(&store, "alice").await;
+    let doc = document(&store, alice.id, "versioned").await;
+    let other = document(&store, alice.id, "other").await;
+    assert!(store.doc_versions(doc.id).await.unwrap().is_empty());
+
+    let mut made = Vec::new();
+    for (label, auto) in [
+        ("auto 1", true),
+        ("Before the rewrite", false),
+        ("auto 2", true),
+        ("auto 3", true),
+        ("auto 4", true),
+    ] {
+        let mut v = version(doc.id, label, auto, label.as_bytes());
+        v.created_by = (!auto).then_some(alice.id);
+        made.push(store.create_doc_version(v).await.unwrap());
+    }
+    let named = made[1].clone();
+    assert_eq!(
+        (
+            named.label.as_str(),
+            named.auto,
+            named.created_by,
+            named.size
+        ),
+        ("Before the rewrite", false, Some(alice.id), 18)
+    );
+    assert_eq!(made[0].created_by, None);
+    let other_auto = store
+        .create_doc_version(version(other.id, "auto", true, b"o"))
+        .await
+        .unwrap();
+
+    let listed = store.doc_versions(doc.id).await.unwrap();
+    let newest_first: Vec<DocVersion> = made.iter().rev().cloned().collect();
+    assert_eq!(listed, newest_first);
+    let (meta, state) = store.doc_version(doc.id, named.id).await.unwrap().unwrap();
+    assert_eq!(
+        (meta, state),
+        (named.clone(), b"Before the rewrite".to_vec())
+    );
+    // Only through its own document.
+    assert_eq!(store.doc_version(other.id, named.id).await.unwrap(), None);
+    assert_eq!(
+        store.doc_version(doc.id, other_auto.id).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        store.doc_version(doc.id, named.id + 1000).await.unwrap(),
+        None
+    );
+
+    // Labels: up to 200 characters (not bytes), no NUL; state not empty; a real document.
+    let long = "é".repeat(200);
+    let v = store
+        .create_doc_version(version(doc.id, &long, false, b"s"))
+        .await
+        .unwrap();
+    assert_eq!(v.label, long);
+    for bad in [
+        version(doc.id, &"x".repeat(201), false, b"s"),
+        version(doc.id, "nul\0", false, b"s"),
+        version(doc.id, "empty", true, b""),
+    ] {
+        let err = store.create_doc_version(bad).await.unwrap_err();
+        assert!(matches!(err, StoreError::Invalid(_)), "{err:?}");
+    }
+    let err = store
+        .create_doc_version(version(doc.id + 1000, "x", true, b"s"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound), "{err:?}");
+
+    // Pruning keeps the newest `keep` automatic versions and every named one.
+    assert_eq!(store.prune_auto_versions(doc.id, 2).await.unwrap(), 2);
+    let ids: Vec<i64> = store
+        .doc_versions(doc.id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|v| v.id)
+        .collect();
+    assert_eq!(ids, vec![v.id, made[4].id, made[3].id, named.id]);
+    assert_eq!(store.prune_auto_versions(doc.id, 2).await.unwrap(), 0);
+    assert_eq!(store.prune_auto_versions(doc.id, 0).await.unwrap(), 2);
+    let ids: Vec<i64> = store
+        .doc_versions(doc.id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|v| v.id)
+        .collect();
+    assert_eq!(ids, vec![v.id, named.id]);
+    // Other documents' versions are not touched.
+    assert_eq!(
+        store.doc_versions(other.id).await.unwrap(),
+        vec![other_auto]
+    );
+    assert_eq!(
+        store.prune_auto_versions(doc.id + 1000, 0).await.unwrap(),
+        0
+    );
+}
+
+pub async fn document_bytes_round_trip(store: Arc<dyn Store>) {
+    let alice = user(&store, "alice").await;
+    let title = "'); DROP TABLE documents; -- <script>alert(1)</script> ✓";
+    let doc = document(&store, alice.id, title).await;
+    assert_eq!(store.document(doc.id).await.unwrap().unwrap().title, title);
+
+    let every: Vec<u8> = (0..=255u8).collect();
+    let reversed: Vec<u8> = every.iter().rev().copied().collect();
+    // A megabyte that is not valid UTF-8 anywhere near its start.
+    let big: Vec<u8> = (0..1 << 20).map(|i: u32| (i * 7 + 0x80) as u8).collect();
+    let nul_only = vec![0u8; 3];
+    let seqs = store
+        .append_doc_updates(vec![
+            update(doc.id, &every),
+            update(doc.id, &big),
+            update(doc.id, &nul_only),
+            update(doc.id, &reversed),
+        ])
+        .await
+        .unwrap();
+    let loaded = store.load_document(doc.id).await.unwrap().unwrap();
+    let data: Vec<&[u8]> = loaded.updates.iter().map(|u| u.data.as_slice()).collect();
+    assert_eq!(
+        data,
+        vec![&every[..], &big[..], &nul_only[..], &reversed[..]]
+    );
+
+    store
+        .compact_document(doc.id, big.clone(), seqs[1].unwrap())
+        .await
+        .unwrap();
+    let loaded = store.load_document(doc.id).await.unwrap().unwrap();
+    assert!(
+        loaded.snapshot.as_deref() == Some(&big[..]),
+        "snapshot differs"
+    );
+    assert_eq!(loaded.updates.len(), 2);
+    assert_eq!(loaded.updates[1].data, reversed);
+
+    let v = store
+        .create_doc_version(version(doc.id, title, false, &every))
+        .await
+        .unwrap();
+    assert_eq!(v.size, 256);
+    let (meta, state) = store.doc_version(doc.id, v.id).await.unwrap().unwrap();
+    assert_eq!(meta.label, title);
+    assert_eq!(state, every);
+}
