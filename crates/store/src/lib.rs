@@ -1,6 +1,8 @@
 //! Durable storage for Switchboard: accounts, rooms, each room's ordered message stream,
-//! moderation flags and bans, notifications and users' `last_seen`, and the audit log,
-//! behind one [`Store`] trait with a SQLite and a PostgreSQL backend.
+//! moderation flags and bans, notifications and users' `last_seen`, sites, collaborative
+//! documents (per document: members, a Yjs update log with its compacted snapshot, and saved
+//! versions), and the audit log, behind one [`Store`] trait with a SQLite and a PostgreSQL
+//! backend.
 //!
 //! # Layout
 //! - [`store`](Store): the trait, the only thing the rest of the server depends on.
@@ -31,6 +33,11 @@
 //! - **Group commit.** [`Store::append_messages`] writes a whole batch in one transaction:
 //!   one commit and one fsync for N messages. Batching is the caller's (the chat service
 //!   collects what arrives within a few ms).
+//! - **Document logs.** An update's `seq` comes from one counter for the whole table and is
+//!   never reused. Appends hold their documents' rows while taking seqs, so one document's
+//!   seqs commit in increasing order: a load (snapshot and log read in one consistent view)
+//!   sees a prefix of the log, and compacting through a seq the caller has loaded never
+//!   drops an update it has not seen.
 //! - **Durability: acknowledged == committed.** A call returns `Ok` only after its commit.
 //!   SQLite runs in WAL mode with `synchronous = FULL` (the WAL is fsynced at every commit,
 //!   so a commit survives power loss, not only a crashed process; group commit keeps the
