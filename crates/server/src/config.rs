@@ -56,6 +56,8 @@ pub struct Config {
     pub namespaces: BTreeMap<String, NamespaceOptions>,
     /// Accounts: token lifetimes, login rate limits, password hashing.
     pub accounts: AccountsConfig,
+    /// Collaborative documents (`/docs/{id}`): persistence, limits, versions.
+    pub docs: DocsConfig,
 }
 
 impl Default for Config {
@@ -76,6 +78,7 @@ impl Default for Config {
             channel: NamespaceOptions::default(),
             namespaces: BTreeMap::new(),
             accounts: AccountsConfig::default(),
+            docs: DocsConfig::default(),
         }
     }
 }
@@ -226,6 +229,89 @@ impl Default for ChatConfig {
     fn default() -> Self {
         ChatConfig {
             max_message_chars: 4000,
+        }
+    }
+}
+
+/// `[docs]`: collaborative documents (see `switchboard_collab`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DocsConfig {
+    /// How often applied updates are written to the store, in one transaction: the
+    /// durability window. At most 100 ms.
+    #[serde(with = "dur")]
+    pub persist_interval: Duration,
+    /// Compact a document's update log into a snapshot past this many bytes...
+    pub compact_bytes: usize,
+    /// ...or this many log entries.
+    pub compact_updates: usize,
+    /// Unload a document nobody has had open for this long.
+    #[serde(with = "dur")]
+    pub unload_after: Duration,
+    /// Largest update a client (or `POST .../updates`) may send; larger: close 4413 / 400.
+    pub max_update_bytes: usize,
+    /// Longest time updates are gathered into one broadcast (the tick grows with the
+    /// number of connections up to this).
+    #[serde(with = "dur")]
+    pub max_tick: Duration,
+    /// Awareness messages per second per connection, and the burst; above: close 4429.
+    pub awareness_rate: u32,
+    pub awareness_burst: u32,
+    /// Awareness client ids one connection may introduce; more: close 4429.
+    pub max_awareness_clients: usize,
+    /// Largest awareness state (JSON) of one client; larger: close 4413.
+    pub max_awareness_state_bytes: usize,
+    /// Save an automatic version of a changed document this often; "0s": never.
+    #[serde(with = "dur")]
+    pub auto_version_interval: Duration,
+    /// Automatic versions kept per document; named versions are always kept.
+    pub auto_versions_kept: u32,
+    /// Send a heartbeat to a document connection this often (y-websocket reconnects after
+    /// 30 s of silence).
+    #[serde(with = "dur")]
+    pub heartbeat_interval: Duration,
+    /// Close a document connection that sent nothing (not even a pong) for this long.
+    #[serde(with = "dur")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for DocsConfig {
+    fn default() -> Self {
+        let c = switchboard_collab::CollabConfig::default();
+        DocsConfig {
+            persist_interval: c.persist_interval,
+            compact_bytes: c.compact_bytes,
+            compact_updates: c.compact_updates,
+            unload_after: c.unload_after,
+            max_update_bytes: c.max_update_bytes,
+            max_tick: c.max_tick,
+            awareness_rate: c.awareness_rate,
+            awareness_burst: c.awareness_burst,
+            max_awareness_clients: c.max_awareness_clients,
+            max_awareness_state_bytes: c.max_awareness_state_bytes,
+            auto_version_interval: c.auto_version_interval,
+            auto_versions_kept: c.auto_versions_kept,
+            heartbeat_interval: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl DocsConfig {
+    pub fn to_collab(&self) -> switchboard_collab::CollabConfig {
+        switchboard_collab::CollabConfig {
+            persist_interval: self.persist_interval,
+            compact_bytes: self.compact_bytes,
+            compact_updates: self.compact_updates,
+            unload_after: self.unload_after,
+            max_update_bytes: self.max_update_bytes,
+            max_tick: self.max_tick,
+            awareness_rate: self.awareness_rate,
+            awareness_burst: self.awareness_burst,
+            max_awareness_clients: self.max_awareness_clients,
+            max_awareness_state_bytes: self.max_awareness_state_bytes,
+            auto_version_interval: self.auto_version_interval,
+            auto_versions_kept: self.auto_versions_kept,
         }
     }
 }
@@ -455,6 +541,27 @@ impl Config {
             if name.is_empty() || name.contains(':') {
                 return Err(ConfigError(format!("invalid namespace name {name:?}")));
             }
+        }
+        let d = &self.docs;
+        if d.persist_interval.is_zero() || d.persist_interval > Duration::from_millis(100) {
+            return Err(ConfigError(
+                "docs.persist_interval must be between 1ms and 100ms".into(),
+            ));
+        }
+        if d.max_update_bytes < 1024 || d.awareness_rate == 0 || d.awareness_burst == 0 {
+            return Err(ConfigError(
+                "docs.max_update_bytes must be at least 1024, docs.awareness_rate and awareness_burst > 0".into(),
+            ));
+        }
+        if d.heartbeat_interval.is_zero() || d.heartbeat_interval > Duration::from_secs(25) {
+            return Err(ConfigError(
+                "docs.heartbeat_interval must be between 1ms and 25s (y-websocket reconnects after 30s of silence)".into(),
+            ));
+        }
+        if d.idle_timeout <= d.heartbeat_interval {
+            return Err(ConfigError(
+                "docs.idle_timeout must be longer than docs.heartbeat_interval".into(),
+            ));
         }
         if self.client.max_frame_size < 64 {
             return Err(ConfigError(

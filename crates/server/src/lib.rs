@@ -24,6 +24,7 @@ pub mod auth;
 pub mod chat;
 pub mod config;
 pub mod conn;
+pub mod docs;
 pub mod metrics;
 pub mod node;
 pub mod presence;

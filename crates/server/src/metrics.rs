@@ -20,6 +20,8 @@ pub struct Metrics {
     /// Chat moderation: commit-to-decision latency by outcome, and checks dropped on a
     /// full queue (handed to the chat service, which records them).
     pub moderation: switchboard_chat::moderation::ModerationMetrics,
+    /// Documents: loaded, connections, updates, persistence, compactions, load time.
+    pub collab: switchboard_collab::CollabMetrics,
 }
 
 impl Metrics {
@@ -101,6 +103,7 @@ impl Metrics {
         ] {
             registry.register(m).expect("metric names are unique");
         }
+        let collab = switchboard_collab::CollabMetrics::new(&registry);
         for m in Method::ALL {
             commands.with_label_values(&[m.name()]);
         }
@@ -114,6 +117,7 @@ impl Metrics {
             rate_limited,
             disconnects,
             moderation,
+            collab,
         }
     }
 

@@ -105,6 +105,8 @@ pub struct Node {
     pub store: Arc<dyn Store>,
     /// Rooms and their message streams (owner of the `chat` namespace).
     pub chat: switchboard_chat::Chat,
+    /// Collaborative documents (`/docs/{id}`).
+    pub collab: switchboard_collab::Collab,
     pub verifier: TokenVerifier,
     /// Password hashing, access/refresh tokens and login rate limits (`/v1/auth`).
     pub accounts: crate::accounts::Accounts,
@@ -159,12 +161,20 @@ impl Node {
             &tasks,
             shutdown.clone(),
         );
+        let collab = switchboard_collab::Collab::start(
+            store.clone(),
+            config.docs.to_collab(),
+            metrics.collab.clone(),
+            &tasks,
+            shutdown.clone(),
+        );
         let last_seen = crate::presence::LastSeen::start(store.clone(), &tasks, shutdown.clone());
         Ok(Arc::new(Node {
             config,
             hub,
             store,
             chat,
+            collab,
             verifier,
             accounts,
             api_key: secrets.api_key.clone(),

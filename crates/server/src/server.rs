@@ -27,6 +27,7 @@ pub fn router(node: Arc<Node>) -> Router {
     let body_limit = node.config.http.max_body_size;
     Router::new()
         .route("/connection/websocket", get(websocket))
+        .route("/docs/{doc_id}", get(crate::docs::websocket))
         .route("/api/{method}", post(api::handle))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -52,7 +53,23 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
         .into_response()
 }
 
-async fn websocket(State(node): State<Arc<Node>>, mut req: Request) -> Response {
+async fn websocket(State(node): State<Arc<Node>>, req: Request) -> Response {
+    upgrade(node, req, ws::CENTRIFUGE_PROTOCOLS, conn::run)
+}
+
+/// The WebSocket upgrade both endpoints share: origin check, handshake checks, the node's
+/// connection limit; then `run` gets the plain socket (and the bytes read past the request)
+/// on a tracked task.
+pub(crate) fn upgrade<F, Fut>(
+    node: Arc<Node>,
+    mut req: Request,
+    protocols: &[&'static str],
+    run: F,
+) -> Response
+where
+    F: FnOnce(Arc<Node>, TcpStream, Vec<u8>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let headers = req.headers();
     if !ws::origin_allowed(
         &node.config.allowed_origins,
@@ -62,7 +79,7 @@ async fn websocket(State(node): State<Arc<Node>>, mut req: Request) -> Response 
         tracing::info!(origin = ?headers.get(header::ORIGIN), "refused: origin not allowed");
         return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
     }
-    let (accept, protocol) = match ws::check_upgrade(headers) {
+    let (accept, protocol) = match ws::check_upgrade(headers, protocols) {
         Ok(v) => v,
         Err((status, msg)) => {
             tracing::debug!(msg, "refused upgrade");
@@ -90,7 +107,7 @@ async fn websocket(State(node): State<Arc<Node>>, mut req: Request) -> Response 
                 // connection.
                 let prefix = parts.read_buf.to_vec();
                 drop(parts.read_buf);
-                conn::run(task_node, parts.io.into_inner(), prefix).await;
+                run(task_node, parts.io.into_inner(), prefix).await;
             }
             Err(_) => tracing::error!("upgraded connection is not a TCP stream"),
         }
@@ -229,6 +246,11 @@ impl Server {
                 ?timeout,
                 "shutdown timed out; dropping remaining connections"
             );
+        }
+        // Connections are closed and the persistence worker has written what it had; anything
+        // applied while it finished is written now.
+        if !self.node.collab.flush().await {
+            tracing::error!("could not write the last document updates before shutdown");
         }
         self.node.store.close().await;
     }

@@ -14,6 +14,16 @@ pub fn text_frame(payload: &[u8]) -> Bytes {
     frame(OpCode::Data(Data::Text), payload)
 }
 
+/// Frames `payload` as one final binary frame.
+pub fn binary_frame(payload: &[u8]) -> Bytes {
+    frame(OpCode::Data(Data::Binary), payload)
+}
+
+/// A Ping frame with an empty payload.
+pub fn ping_frame() -> Bytes {
+    frame(OpCode::Control(Control::Ping), &[])
+}
+
 /// A Close frame carrying a disconnect code and reason.
 pub fn close_frame(d: Disconnect) -> Bytes {
     let mut payload = Vec::with_capacity(2 + d.reason.len());
@@ -46,9 +56,15 @@ pub fn header_len(len: usize) -> usize {
 /// Why an upgrade request is refused (HTTP status, message).
 pub type Refusal = (http::StatusCode, &'static str);
 
+/// The subprotocols `/connection/websocket` accepts (besides none).
+pub const CENTRIFUGE_PROTOCOLS: &[&str] = &["centrifuge-json"];
+
 /// Checks an upgrade request; returns the `Sec-WebSocket-Accept` value and the chosen
-/// subprotocol. A missing subprotocol and `centrifuge-json` are accepted.
-pub fn check_upgrade(headers: &HeaderMap) -> Result<(String, Option<&'static str>), Refusal> {
+/// subprotocol. No subprotocol, or one of `supported`, is accepted.
+pub fn check_upgrade(
+    headers: &HeaderMap,
+    supported: &[&'static str],
+) -> Result<(String, Option<&'static str>), Refusal> {
     let bad = http::StatusCode::BAD_REQUEST;
     let has_token = |name: http::header::HeaderName, token: &str| {
         headers.get_all(name).iter().any(|v| {
@@ -85,13 +101,10 @@ pub fn check_upgrade(headers: &HeaderMap) -> Result<(String, Option<&'static str
         .collect();
     let protocol = if offered.is_empty() {
         None
-    } else if offered.iter().any(|p| p == "centrifuge-json") {
-        Some("centrifuge-json")
+    } else if let Some(p) = supported.iter().find(|s| offered.iter().any(|p| p == *s)) {
+        Some(*p)
     } else {
-        return Err((
-            bad,
-            "unsupported subprotocol: only centrifuge-json is served",
-        ));
+        return Err((bad, "unsupported subprotocol"));
     };
     Ok((accept, protocol))
 }
@@ -145,16 +158,20 @@ mod tests {
             "sec-websocket-key",
             "dGhlIHNhbXBsZSBub25jZQ==".parse().unwrap(),
         );
-        let (accept, proto) = check_upgrade(&h).unwrap();
+        let (accept, proto) = check_upgrade(&h, CENTRIFUGE_PROTOCOLS).unwrap();
         assert_eq!(accept, "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
         assert_eq!(proto, None);
+        assert!(check_upgrade(&h, &[]).is_ok());
         h.insert(
             "sec-websocket-protocol",
             "centrifuge-protobuf".parse().unwrap(),
         );
-        assert!(check_upgrade(&h).is_err());
+        assert!(check_upgrade(&h, CENTRIFUGE_PROTOCOLS).is_err());
         h.insert("sec-websocket-protocol", "centrifuge-json".parse().unwrap());
-        assert_eq!(check_upgrade(&h).unwrap().1, Some("centrifuge-json"));
+        assert_eq!(
+            check_upgrade(&h, CENTRIFUGE_PROTOCOLS).unwrap().1,
+            Some("centrifuge-json")
+        );
 
         let allowed = vec!["https://app.example".to_string()];
         let none = HashSet::new();

@@ -39,12 +39,12 @@ const CLOSE_DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 /// Initial read buffer: small, because most connections are idle most of the time. A typical
 /// `connect` with its JWT fits; tungstenite grows the buffer to a frame's length once it has
 /// read the frame header, so large frames still arrive in one read.
-const READ_BUFFER_BYTES: usize = 512;
+pub(crate) const READ_BUFFER_BYTES: usize = 512;
 
 /// Reads from the shared socket for tungstenite; routes its writes (pongs, close replies)
 /// into the connection's ordered outbound path.
-struct ConnIo {
-    conn: Arc<Conn>,
+pub(crate) struct ConnIo {
+    pub(crate) conn: Arc<Conn>,
 }
 
 impl AsyncRead for ConnIo {
@@ -195,7 +195,7 @@ pub async fn run(node: Arc<Node>, stream: TcpStream, prefix: Vec<u8>) {
 }
 
 /// Writes what is pending and the Close frame, then drains the peer until it closes.
-async fn finish(conn: &Conn, d: Disconnect) {
+pub(crate) async fn finish(conn: &Conn, d: Disconnect) {
     let deadline = tokio::time::Instant::now() + CLOSE_WRITE_TIMEOUT;
     conn.send_close(ws::close_frame(d));
     loop {

@@ -1,4 +1,5 @@
-//! The `/v1` REST API: accounts, rooms, messages, moderation, notifications, presence and sites. Every route is listed in `routes()`.
+//! The `/v1` REST API: accounts, rooms, messages, moderation, notifications, presence, sites
+//! and documents. Every route is listed in `routes()`.
 //!
 //! Errors are [`error::ApiError`]: 400, 401, 403, 404, 409 (and 429, 503) with a JSON body that
 //! says what is wrong. Callers authenticate with [`extract::AuthUser`]. Every route is
@@ -12,6 +13,7 @@ use crate::node::Node;
 
 pub mod admin;
 pub mod auth;
+pub mod documents;
 pub mod error;
 pub mod extract;
 pub mod moderation;
@@ -32,4 +34,5 @@ pub fn routes() -> Router<Arc<Node>> {
         .merge(moderation::routes())
         .merge(notifications::routes())
         .merge(sites::routes())
+        .merge(documents::routes())
 }

@@ -306,6 +306,7 @@ fn all_schemas() -> Value {
         super::moderation::schemas(),
         super::notifications::schemas(),
         super::sites::schemas(),
+        super::documents::schemas(),
     ] {
         if let (Some(all), Value::Object(more)) = (all.as_object_mut(), more) {
             all.extend(more);
@@ -411,6 +412,7 @@ fn all_ops() -> impl Iterator<Item = &'static Op> {
         .chain(super::moderation::OPS)
         .chain(super::notifications::OPS)
         .chain(super::sites::OPS)
+        .chain(super::documents::OPS)
 }
 
 /// The whole document.

@@ -1,0 +1,312 @@
+//! The y-websocket wire format: one binary WebSocket message per protocol message, a varuint
+//! message type followed by its body (the encoding of `y-protocols`, which `yrs::sync` also
+//! implements). This module decodes what clients send, defensively, and encodes what the
+//! server sends; it is the only place that knows the byte layout.
+//!
+//! | type | body |
+//! |---|---|
+//! | 0 sync | varuint subtype: 0 step 1 (varbytes state vector), 1 step 2 (varbytes update), 2 update (varbytes update) |
+//! | 1 awareness | varbytes awareness update: varuint n, then n × (varuint client id, varuint clock, varstring JSON state) |
+//! | 2 auth | varuint 0 (permission denied) + varstring reason |
+//! | 3 query awareness | empty |
+//!
+//! Decoding never trusts lengths: a body larger than the limit is refused before it is
+//! parsed, and every parse of client bytes is guarded so that a malformed update cannot take
+//! the connection task (or a document's lock) down with it.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use yrs::encoding::read::{Cursor, Read};
+use yrs::encoding::write::Write;
+use yrs::sync::awareness::AwarenessUpdate;
+use yrs::updates::decoder::Decode;
+use yrs::{StateVector, Update};
+
+pub const MSG_SYNC: u64 = 0;
+pub const MSG_AWARENESS: u64 = 1;
+pub const MSG_AUTH: u64 = 2;
+pub const MSG_QUERY_AWARENESS: u64 = 3;
+const SYNC_STEP1: u64 = 0;
+const SYNC_STEP2: u64 = 1;
+const SYNC_UPDATE: u64 = 2;
+const AUTH_PERMISSION_DENIED: u64 = 0;
+
+/// A WebSocket close code and reason sent when the server ends a document connection.
+///
+/// y-websocket 3.1 treats 4400–4499 as terminal (it stops reconnecting) and every other code
+/// as transient, so the codes below follow that split: 44xx for "reconnecting cannot help",
+/// 4000/45xx and 1001 for "try again".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CloseCode {
+    pub code: u16,
+    pub reason: &'static str,
+}
+
+/// A frame that does not parse: an unknown message type, a truncated varint, a bad update.
+pub const CLOSE_MALFORMED: CloseCode = CloseCode {
+    code: 4400,
+    reason: "malformed message",
+};
+/// A missing, invalid or expired token.
+pub const CLOSE_UNAUTHORIZED: CloseCode = CloseCode {
+    code: 4401,
+    reason: "invalid token",
+};
+/// The user may not open this document (sent after the auth permission-denied message).
+pub const CLOSE_FORBIDDEN: CloseCode = CloseCode {
+    code: 4403,
+    reason: "no access to this document",
+};
+/// No such document.
+pub const CLOSE_NOT_FOUND: CloseCode = CloseCode {
+    code: 4404,
+    reason: "no such document",
+};
+/// The document was deleted while the connection was open.
+pub const CLOSE_DELETED: CloseCode = CloseCode {
+    code: 4410,
+    reason: "document deleted",
+};
+/// A message (an update, or an awareness state) larger than the configured limit.
+pub const CLOSE_TOO_LARGE: CloseCode = CloseCode {
+    code: 4413,
+    reason: "message too large",
+};
+/// Awareness messages faster than the per-connection rate, or more awareness client ids than
+/// one connection may introduce.
+pub const CLOSE_FLOOD: CloseCode = CloseCode {
+    code: 4429,
+    reason: "awareness flood",
+};
+/// The user's role changed: reconnect to get the new one.
+pub const CLOSE_ACCESS_CHANGED: CloseCode = CloseCode {
+    code: 4000,
+    reason: "access changed",
+};
+/// The document could not be loaded (the database is unavailable): try again later.
+pub const CLOSE_UNAVAILABLE: CloseCode = CloseCode {
+    code: 4503,
+    reason: "document unavailable",
+};
+/// Nothing was received from the client for too long.
+pub const CLOSE_TIMEOUT: CloseCode = CloseCode {
+    code: 4508,
+    reason: "no message received in time",
+};
+/// The server is shutting down; reconnect (elsewhere).
+pub const CLOSE_SHUTDOWN: CloseCode = CloseCode {
+    code: 1001,
+    reason: "server shutting down",
+};
+
+/// One decoded client message.
+#[derive(Debug)]
+pub enum Incoming {
+    /// "Here is my state vector: send me what I miss."
+    SyncStep1(StateVector),
+    /// The answer to our step 1: what we miss (an update, possibly empty).
+    SyncStep2(Update),
+    /// An incremental edit.
+    Update(Update),
+    Awareness(AwarenessUpdate),
+    QueryAwareness,
+    /// Auth messages from a client carry nothing the server acts on.
+    Auth,
+}
+
+/// Why a frame was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    Malformed,
+    TooLarge,
+}
+
+impl Refused {
+    pub fn close_code(self) -> CloseCode {
+        match self {
+            Refused::Malformed => CLOSE_MALFORMED,
+            Refused::TooLarge => CLOSE_TOO_LARGE,
+        }
+    }
+}
+
+/// Runs a parse of client bytes; a panic inside the CRDT library (its debug assertions
+/// reject some hostile values by panicking) becomes a refusal.
+fn guarded<T>(parse: impl FnOnce() -> Option<T>) -> Result<T, Refused> {
+    match catch_unwind(AssertUnwindSafe(parse)) {
+        Ok(Some(v)) => Ok(v),
+        _ => Err(Refused::Malformed),
+    }
+}
+
+/// Decodes one client frame. Bodies over `max_bytes` are refused before they are parsed.
+pub fn decode(frame: &[u8], max_bytes: usize) -> Result<Incoming, Refused> {
+    if frame.len() > max_bytes + 16 {
+        return Err(Refused::TooLarge);
+    }
+    let mut c = Cursor::new(frame);
+    let kind: u64 = c.read_var().map_err(|_| Refused::Malformed)?;
+    match kind {
+        MSG_SYNC => {
+            let sub: u64 = c.read_var().map_err(|_| Refused::Malformed)?;
+            let body = c.read_buf().map_err(|_| Refused::Malformed)?;
+            if body.len() > max_bytes {
+                return Err(Refused::TooLarge);
+            }
+            match sub {
+                SYNC_STEP1 => {
+                    guarded(|| StateVector::decode_v1(body).ok()).map(Incoming::SyncStep1)
+                }
+                SYNC_STEP2 => guarded(|| Update::decode_v1(body).ok()).map(Incoming::SyncStep2),
+                SYNC_UPDATE => guarded(|| Update::decode_v1(body).ok()).map(Incoming::Update),
+                _ => Err(Refused::Malformed),
+            }
+        }
+        MSG_AWARENESS => {
+            let body = c.read_buf().map_err(|_| Refused::Malformed)?;
+            if body.len() > max_bytes {
+                return Err(Refused::TooLarge);
+            }
+            guarded(|| AwarenessUpdate::decode_v1(body).ok()).map(Incoming::Awareness)
+        }
+        MSG_QUERY_AWARENESS => Ok(Incoming::QueryAwareness),
+        MSG_AUTH => Ok(Incoming::Auth),
+        _ => Err(Refused::Malformed),
+    }
+}
+
+/// Decodes a Yjs update (v1) from untrusted bytes; `None` if it does not decode.
+pub fn decode_update(bytes: &[u8]) -> Option<Update> {
+    guarded(|| Update::decode_v1(bytes).ok()).ok()
+}
+
+fn sync_message(sub: u64, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + 8);
+    out.write_var(MSG_SYNC);
+    out.write_var(sub);
+    out.write_buf(body);
+    out
+}
+
+/// Sync step 1: the server's state vector (encoded v1).
+pub fn sync_step1(state_vector: &[u8]) -> Vec<u8> {
+    sync_message(SYNC_STEP1, state_vector)
+}
+
+/// Sync step 2: what the client misses (an update, encoded v1).
+pub fn sync_step2(update: &[u8]) -> Vec<u8> {
+    sync_message(SYNC_STEP2, update)
+}
+
+/// An incremental update (encoded v1).
+pub fn sync_update(update: &[u8]) -> Vec<u8> {
+    sync_message(SYNC_UPDATE, update)
+}
+
+/// One awareness message for `entries` of `(client id, clock, JSON state)`; a state of
+/// `"null"` tells receivers the client is gone. With no entries it is the heartbeat: a
+/// message every client applies as a no-op, which keeps y-websocket's 30 s silence watchdog
+/// from reconnecting.
+pub fn awareness<'a>(entries: impl ExactSizeIterator<Item = (u64, u32, &'a str)>) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.write_var(entries.len() as u64);
+    for (client, clock, json) in entries {
+        body.write_var(client);
+        body.write_var(clock);
+        body.write_string(json);
+    }
+    let mut out = Vec::with_capacity(body.len() + 4);
+    out.write_var(MSG_AWARENESS);
+    out.write_buf(&body);
+    out
+}
+
+/// The auth message "permission denied" with a reason (y-protocols/auth).
+pub fn permission_denied(reason: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(reason.len() + 4);
+    out.write_var(MSG_AUTH);
+    out.write_var(AUTH_PERMISSION_DENIED);
+    out.write_string(reason);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use yrs::sync::{Message, SyncMessage};
+    use yrs::updates::encoder::Encode;
+    use yrs::{Doc, GetString, ReadTxn, Text, Transact};
+
+    fn edit() -> Vec<u8> {
+        let doc = Doc::new();
+        let text = doc.get_or_insert_text("content");
+        let mut txn = doc.transact_mut();
+        text.insert(&mut txn, 0, "hello");
+        txn.encode_update_v1()
+    }
+
+    #[test]
+    fn round_trips_with_yrs_codec() {
+        let u = edit();
+        // What we encode, yrs (and so Yjs) decodes as the same message.
+        let m = Message::decode_v1(&sync_update(&u)).unwrap();
+        assert_eq!(m, Message::Sync(SyncMessage::Update(u.clone())));
+        let m = Message::decode_v1(&sync_step2(&u)).unwrap();
+        assert_eq!(m, Message::Sync(SyncMessage::SyncStep2(u.clone())));
+        let sv = StateVector::default().encode_v1();
+        let m = Message::decode_v1(&sync_step1(&sv)).unwrap();
+        assert_eq!(
+            m,
+            Message::Sync(SyncMessage::SyncStep1(StateVector::default()))
+        );
+        let m = Message::decode_v1(&permission_denied("read-only")).unwrap();
+        assert_eq!(m, Message::Auth(Some("read-only".into())));
+
+        // And what yrs encodes, we decode.
+        let frame = Message::Sync(SyncMessage::Update(u.clone())).encode_v1();
+        let Incoming::Update(update) = decode(&frame, 1 << 20).unwrap() else {
+            panic!("not an update")
+        };
+        let doc = Doc::new();
+        let text = doc.get_or_insert_text("content");
+        doc.transact_mut().apply_update(update).unwrap();
+        assert_eq!(text.get_string(&doc.transact()), "hello");
+        assert!(doc.transact().state_vector().len() == 1);
+    }
+
+    #[test]
+    fn awareness_messages() {
+        let frame = awareness([(7u64, 3u32, r#"{"user":"ann"}"#)].into_iter());
+        let Incoming::Awareness(a) = decode(&frame, 1 << 20).unwrap() else {
+            panic!("not awareness")
+        };
+        assert_eq!(a.clients.len(), 1);
+        let (id, e) = a.clients.iter().next().unwrap();
+        assert_eq!(id.get(), 7);
+        assert_eq!(e.clock, 3);
+        assert_eq!(&*e.json, r#"{"user":"ann"}"#);
+        // The heartbeat: an awareness update with no entries.
+        assert_eq!(awareness(std::iter::empty()), vec![1, 1, 0]);
+    }
+
+    #[test]
+    fn refuses_bad_frames() {
+        let check = |frame: &[u8], want: Refused| {
+            assert_eq!(decode(frame, 64).unwrap_err(), want, "{frame:?}");
+        };
+        check(&[], Refused::Malformed);
+        check(&[0x80], Refused::Malformed); // truncated varint (continuation bit, no next byte)
+        check(&[0, 2, 0x85], Refused::Malformed); // truncated length
+        check(&[0, 2, 5, 1, 2], Refused::Malformed); // body shorter than its length
+        check(&[0, 9, 0], Refused::Malformed); // unknown sync subtype
+        check(&[9], Refused::Malformed); // unknown message type
+        check(&[0, 2, 3, 0xff, 0xff, 0xff], Refused::Malformed); // garbage update
+        check(&[1, 3, 0xff, 0xff, 0xff], Refused::Malformed); // garbage awareness
+        let mut big = vec![0, 2, 100];
+        big.extend([0u8; 100]);
+        check(&big, Refused::TooLarge);
+        check(&[0u8; 200], Refused::TooLarge);
+        // Huge counts are refused without allocating for them.
+        check(&[1, 6, 0xff, 0xff, 0xff, 0xff, 0x0f, 0], Refused::Malformed);
+    }
+}

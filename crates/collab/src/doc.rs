@@ -1,0 +1,486 @@
+//! One loaded document: the yrs document, the connections that have it open, the awareness
+//! states they introduced, and the two outboxes (fan-out and persistence).
+//!
+//! Everything is behind one std mutex, held only for in-memory work (applying an update,
+//! encoding a diff, pushing to an outbox) and never across an await. Sends to connections
+//! happen outside it, except the few per-connection replies written while joining (which
+//! must leave before any later broadcast, and never block).
+//!
+//! **Fan-out.** An applied update is not sent at once: its effective part (what the document
+//! did not know yet, `TransactionMut::encode_update_v1`) goes into the fan-out outbox, and the
+//! document's task ([`crate::Collab`]) merges everything that arrived within one tick into a
+//! single update, encodes it once and writes the same bytes to every connection. The tick
+//! grows with the number of connections ([`Document::tick`]): with few editors an update
+//! leaves at once; with a thousand, a fan-out costs a thousand writes, so updates are
+//! gathered for up to `max_tick`, which keeps the cost per second flat instead of growing
+//! with editors².
+//!
+//! **Persistence.** The same effective update goes into the persistence outbox, which the
+//! node's persistence worker drains every `persist_interval` (see `persist.rs`).
+
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+use yrs::sync::awareness::AwarenessUpdate;
+use yrs::updates::decoder::Decode;
+use yrs::updates::encoder::Encode;
+use yrs::{Doc, ReadTxn, StateVector, Transact, Update};
+
+use crate::codec::{self, CloseCode};
+
+/// How much the fan-out tick grows per open connection (see [`Document::tick`]). A write to
+/// a loopback socket costs ~10 µs here, so at 20 µs per connection at most about half of the
+/// tick goes to writing.
+const TICK_PER_CONNECTION: Duration = Duration::from_micros(20);
+
+/// A message to one or many connections, encoded once. The transport frames it once, on
+/// first use, and every connection shares the framed bytes.
+pub struct Outgoing {
+    payload: Bytes,
+    framed: OnceLock<Bytes>,
+}
+
+impl Outgoing {
+    pub fn new(payload: Vec<u8>) -> Outgoing {
+        Outgoing {
+            payload: Bytes::from(payload),
+            framed: OnceLock::new(),
+        }
+    }
+
+    /// The y-websocket message.
+    pub fn payload(&self) -> &Bytes {
+        &self.payload
+    }
+
+    /// The message framed by `frame`; the first caller frames, the rest share the result.
+    pub fn framed(&self, frame: impl FnOnce(&[u8]) -> Bytes) -> &Bytes {
+        self.framed.get_or_init(|| frame(&self.payload))
+    }
+}
+
+/// Where a document connection's messages go: the transport's outbound path. Neither method
+/// may block or await; a sink that cannot keep up applies its own overflow policy (the
+/// server's closes the connection, and the client re-syncs when it reconnects).
+pub trait DocSink: Send + Sync {
+    fn send(&self, msg: &Outgoing);
+    /// Asks the transport to close the connection with `code`.
+    fn close(&self, code: CloseCode);
+}
+
+#[derive(Clone)]
+pub(crate) struct ConnEntry {
+    pub id: u64,
+    pub user: Arc<str>,
+    pub sink: Arc<dyn DocSink>,
+}
+
+struct Aware {
+    clock: u32,
+    json: Arc<str>,
+    /// The connection that introduced this client id (the one whose close removes it).
+    conn: u64,
+}
+
+/// What an update did to the document.
+pub(crate) enum Applied {
+    /// New content: it was queued for fan-out and persistence.
+    Changed,
+    /// Nothing new (already known, or waiting for missing predecessors).
+    Unchanged,
+}
+
+/// Why an update was not applied.
+#[derive(Debug)]
+pub(crate) enum ApplyError {
+    /// The document was unloaded or deleted meanwhile: open it again.
+    Closed,
+    /// The CRDT refused the update.
+    Invalid,
+}
+
+pub(crate) struct State {
+    doc: Doc,
+    /// Copy-on-write, so a fan-out clones one `Arc` under the lock and writes without it.
+    conns: Arc<Vec<ConnEntry>>,
+    awareness: HashMap<u64, Aware>,
+    out_updates: Vec<Vec<u8>>,
+    out_awareness: HashMap<u64, (u32, Arc<str>)>,
+    pub unpersisted: Vec<Vec<u8>>,
+    pub unpersisted_bytes: usize,
+    /// Log entries and bytes stored since the last snapshot (for compaction).
+    pub log_entries: usize,
+    pub log_bytes: usize,
+    /// The highest stored seq of this document's log.
+    pub last_seq: i64,
+    pub compacting: bool,
+    /// Since when no connection has had the document open.
+    idle_since: Option<Instant>,
+    /// Changed since the last automatic version.
+    pub changed_since_version: bool,
+    /// Unloaded or deleted: no more joins or updates; reopen instead.
+    pub closed: bool,
+}
+
+pub struct Document {
+    pub id: i64,
+    state: Mutex<State>,
+    /// Wakes the document's task: something waits in the fan-out outbox.
+    pub(crate) wake: Notify,
+}
+
+impl Document {
+    pub(crate) fn new(
+        id: i64,
+        doc: Doc,
+        log_entries: usize,
+        log_bytes: usize,
+        last_seq: i64,
+    ) -> Self {
+        Document {
+            id,
+            state: Mutex::new(State {
+                doc,
+                conns: Arc::new(Vec::new()),
+                awareness: HashMap::new(),
+                out_updates: Vec::new(),
+                out_awareness: HashMap::new(),
+                unpersisted: Vec::new(),
+                unpersisted_bytes: 0,
+                log_entries,
+                log_bytes,
+                last_seq,
+                compacting: false,
+                idle_since: Some(Instant::now()),
+                changed_since_version: false,
+                closed: false,
+            }),
+            wake: Notify::new(),
+        }
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().expect("document lock poisoned")
+    }
+
+    /// Adds a connection and sends it the server's sync step 1 and the awareness states of
+    /// everyone else. `false` if the document was closed meanwhile (open it again).
+    pub(crate) fn join(&self, entry: ConnEntry) -> bool {
+        let mut st = self.lock();
+        if st.closed {
+            return false;
+        }
+        let sv = st.doc.transact().state_vector().encode_v1();
+        entry.sink.send(&Outgoing::new(codec::sync_step1(&sv)));
+        if !st.awareness.is_empty() {
+            let msg = codec::awareness(
+                st.awareness
+                    .iter()
+                    .map(|(id, a)| (*id, a.clock, &*a.json))
+                    .collect::<Vec<_>>()
+                    .into_iter(),
+            );
+            entry.sink.send(&Outgoing::new(msg));
+        }
+        Arc::make_mut(&mut st.conns).push(entry);
+        st.idle_since = None;
+        true
+    }
+
+    /// Removes a connection, and the awareness states it introduced (everyone else is told
+    /// at the next tick).
+    pub(crate) fn leave(&self, conn: u64) {
+        let mut st = self.lock();
+        Arc::make_mut(&mut st.conns).retain(|c| c.id != conn);
+        let gone: Vec<u64> = st
+            .awareness
+            .iter()
+            .filter(|(_, a)| a.conn == conn)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &gone {
+            if let Some(a) = st.awareness.remove(id) {
+                st.out_awareness
+                    .insert(*id, (a.clock + 1, Arc::from("null")));
+            }
+        }
+        if st.conns.is_empty() {
+            st.idle_since = Some(Instant::now());
+        }
+        drop(st);
+        if !gone.is_empty() {
+            self.wake.notify_one();
+        }
+    }
+
+    /// The diff a client with state vector `sv` misses, as sync step 2.
+    pub(crate) fn step2(&self, sv: &StateVector) -> Outgoing {
+        let st = self.lock();
+        let update = st.doc.transact().encode_state_as_update_v1(sv);
+        Outgoing::new(codec::sync_step2(&update))
+    }
+
+    /// Applies an update and queues its effective part for fan-out and persistence.
+    ///
+    /// A panic inside the CRDT library while integrating leaves the document in an unknown
+    /// state: the document is then closed (its connections get a transient close, reconnect
+    /// and re-sync into a freshly loaded copy) rather than served half-applied.
+    pub(crate) fn apply(&self, update: Update) -> Result<Applied, ApplyError> {
+        let mut st = self.lock();
+        if st.closed {
+            return Err(ApplyError::Closed);
+        }
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            let mut txn = st.doc.transact_mut();
+            txn.apply_update(update).map(|()| txn.encode_update_v1())
+        }));
+        let effective = match result {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(_)) => return Err(ApplyError::Invalid),
+            Err(_) => {
+                tracing::error!(
+                    doc = self.id,
+                    "update panicked the CRDT; closing the document"
+                );
+                st.closed = true;
+                for c in st.conns.iter() {
+                    c.sink.close(codec::CLOSE_UNAVAILABLE);
+                }
+                return Err(ApplyError::Invalid);
+            }
+        };
+        if effective == Update::EMPTY_V1 {
+            return Ok(Applied::Unchanged);
+        }
+        self.queue(&mut st, effective);
+        Ok(Applied::Changed)
+    }
+
+    /// Runs a local change (a server-side edit) and queues it like a client update.
+    pub(crate) fn change(
+        &self,
+        edit: impl FnOnce(&Doc, &mut yrs::TransactionMut<'_>),
+    ) -> Result<Applied, ApplyError> {
+        let mut st = self.lock();
+        if st.closed {
+            return Err(ApplyError::Closed);
+        }
+        let effective = {
+            let doc = st.doc.clone();
+            let mut txn = doc.transact_mut();
+            edit(&doc, &mut txn);
+            txn.encode_update_v1()
+        };
+        if effective == Update::EMPTY_V1 {
+            return Ok(Applied::Unchanged);
+        }
+        self.queue(&mut st, effective);
+        Ok(Applied::Changed)
+    }
+
+    fn queue(&self, st: &mut State, effective: Vec<u8>) {
+        st.unpersisted_bytes += effective.len();
+        st.unpersisted.push(effective.clone());
+        st.out_updates.push(effective);
+        st.changed_since_version = true;
+        self.wake.notify_one();
+    }
+
+    /// Applies a client's awareness update. `owned` is the set of client ids the connection
+    /// introduced; it may hold at most `max_clients`.
+    pub(crate) fn awareness(
+        &self,
+        conn: u64,
+        owned: &mut Vec<u64>,
+        update: AwarenessUpdate,
+        max_clients: usize,
+        max_state_bytes: usize,
+    ) -> Result<(), CloseCode> {
+        let mut st = self.lock();
+        let mut changed = false;
+        for (client, entry) in update.clients {
+            let id = client.get();
+            if entry.json.len() > max_state_bytes {
+                return Err(codec::CLOSE_TOO_LARGE);
+            }
+            if !owned.contains(&id) {
+                if owned.len() >= max_clients {
+                    return Err(codec::CLOSE_FLOOD);
+                }
+                owned.push(id);
+            }
+            let removal = &*entry.json == "null";
+            if let Some(cur) = st.awareness.get(&id) {
+                // The y-protocols rule: a newer clock wins; at the same clock only a removal.
+                if cur.clock > entry.clock || (cur.clock == entry.clock && !removal) {
+                    continue;
+                }
+            } else if removal {
+                continue;
+            }
+            if removal {
+                st.awareness.remove(&id);
+            } else {
+                st.awareness.insert(
+                    id,
+                    Aware {
+                        clock: entry.clock,
+                        json: entry.json.clone(),
+                        conn,
+                    },
+                );
+            }
+            st.out_awareness.insert(id, (entry.clock, entry.json));
+            changed = true;
+        }
+        drop(st);
+        if changed {
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Every awareness state, for a client's query-awareness message.
+    pub(crate) fn awareness_states(&self) -> Outgoing {
+        let st = self.lock();
+        Outgoing::new(codec::awareness(
+            st.awareness
+                .iter()
+                .map(|(id, a)| (*id, a.clock, &*a.json))
+                .collect::<Vec<_>>()
+                .into_iter(),
+        ))
+    }
+
+    /// How long the document's task gathers updates before one fan-out.
+    pub(crate) fn tick(&self, max_tick: Duration) -> Duration {
+        let n = self.lock().conns.len() as u32;
+        (TICK_PER_CONNECTION * n).min(max_tick)
+    }
+
+    /// Sends what the outboxes hold: all updates since the last fan-out merged into one, and
+    /// the awareness changes in one message, each encoded once for every connection.
+    pub(crate) fn fan_out(&self) -> usize {
+        let (conns, updates, aware) = {
+            let mut st = self.lock();
+            if st.out_updates.is_empty() && st.out_awareness.is_empty() {
+                return 0;
+            }
+            (
+                st.conns.clone(),
+                std::mem::take(&mut st.out_updates),
+                std::mem::take(&mut st.out_awareness),
+            )
+        };
+        let mut msgs = Vec::with_capacity(2);
+        if !updates.is_empty() {
+            match merge(updates) {
+                Ok(update) => msgs.push(Outgoing::new(codec::sync_update(&update))),
+                Err(parts) => {
+                    msgs.extend(parts.iter().map(|u| Outgoing::new(codec::sync_update(u))))
+                }
+            }
+        }
+        if !aware.is_empty() {
+            msgs.push(Outgoing::new(codec::awareness(
+                aware
+                    .iter()
+                    .map(|(id, (clock, json))| (*id, *clock, &**json))
+                    .collect::<Vec<_>>()
+                    .into_iter(),
+            )));
+        }
+        for c in conns.iter() {
+            for m in &msgs {
+                c.sink.send(m);
+            }
+        }
+        conns.len() * msgs.len()
+    }
+
+    /// Takes the persistence outbox, merged into one update.
+    pub(crate) fn take_unpersisted(&self) -> Option<Vec<u8>> {
+        let mut st = self.lock();
+        if st.unpersisted.is_empty() {
+            return None;
+        }
+        st.unpersisted_bytes = 0;
+        let parts = std::mem::take(&mut st.unpersisted);
+        drop(st);
+        Some(match merge(parts) {
+            Ok(u) => u,
+            // Our own effective updates always decode; merging them cannot fail.
+            Err(parts) => yrs::merge_updates_v1(&parts).unwrap_or_else(|_| parts.concat()),
+        })
+    }
+
+    /// Puts an update whose write failed back, to be retried first.
+    pub(crate) fn restore_unpersisted(&self, update: Vec<u8>) {
+        let mut st = self.lock();
+        st.unpersisted_bytes += update.len();
+        st.unpersisted.insert(0, update);
+    }
+
+    /// The document's whole state as one update.
+    pub(crate) fn state_update(&self) -> Vec<u8> {
+        self.lock()
+            .doc
+            .transact()
+            .encode_state_as_update_v1(&StateVector::default())
+    }
+
+    /// Reads the document.
+    pub(crate) fn read<T>(&self, f: impl FnOnce(&Doc) -> T) -> T {
+        let st = self.lock();
+        f(&st.doc)
+    }
+
+    pub(crate) fn connections(&self) -> Arc<Vec<ConnEntry>> {
+        self.lock().conns.clone()
+    }
+
+    /// Closes the document if nobody has had it open for `after` and nothing is left to
+    /// write; one check under the lock, so no connection can join in between.
+    pub(crate) fn close_if_idle(&self, after: Duration) -> bool {
+        let mut st = self.lock();
+        let idle = st.conns.is_empty()
+            && st.unpersisted.is_empty()
+            && !st.compacting
+            && st.idle_since.is_some_and(|t| t.elapsed() >= after);
+        if idle {
+            st.closed = true;
+        }
+        idle
+    }
+
+    /// Closes the document: every connection gets `code`, later joins and updates fail.
+    pub(crate) fn close(&self, code: Option<CloseCode>, drop_unpersisted: bool) {
+        let mut st = self.lock();
+        st.closed = true;
+        if drop_unpersisted {
+            st.unpersisted.clear();
+            st.unpersisted_bytes = 0;
+        }
+        if let Some(code) = code {
+            for c in st.conns.iter() {
+                c.sink.close(code);
+            }
+        }
+    }
+}
+
+/// One update from several; the parts back if any does not decode.
+fn merge(mut parts: Vec<Vec<u8>>) -> Result<Vec<u8>, Vec<Vec<u8>>> {
+    if parts.len() == 1 {
+        return Ok(parts.pop().expect("one part"));
+    }
+    let decoded: Result<Vec<Update>, _> = parts.iter().map(|p| Update::decode_v1(p)).collect();
+    match decoded {
+        Ok(updates) => Ok(Update::merge_updates(updates).encode_v1()),
+        Err(_) => Err(parts),
+    }
+}
