@@ -94,9 +94,12 @@ async fn js_deps() -> Option<PathBuf> {
             if !have("node").await || !have("npm").await {
                 return false;
             }
-            if !dir.join("node_modules/centrifuge/package.json").exists()
-                || !dir.join("node_modules/ws/package.json").exists()
-            {
+            // Every package the suites require: a node_modules from before one was added
+            // gets `npm ci` too.
+            let incomplete = ["centrifuge", "ws", "yjs", "y-websocket", "y-protocols"]
+                .iter()
+                .any(|p| !dir.join(format!("node_modules/{p}/package.json")).exists());
+            if incomplete {
                 run(
                     "npm ci",
                     Command::new("npm")
