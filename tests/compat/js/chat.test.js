@@ -5,7 +5,7 @@
 
 const { test } = require('node:test');
 const assert = require('node:assert/strict');
-const { client, until, next, sleep, uniq, startProxy } = require('./lib');
+const { client, until, next, sleep, uniq, startProxy, account } = require('./lib');
 
 const HTTP_URL = process.env.SB_HTTP_URL;
 
@@ -20,17 +20,6 @@ async function rest(method, path, token, body) {
   });
   const text = await resp.text();
   return { status: resp.status, body: text ? JSON.parse(text) : null };
-}
-
-/** Registers a new account and logs in: returns {id, token}. */
-async function account(prefix) {
-  const username = uniq(prefix).slice(0, 32).replace(/[^a-zA-Z0-9_.-]/g, '_');
-  const password = 'correct horse battery';
-  const reg = await rest('POST', '/v1/auth/register', null, { username, password, display_name: prefix });
-  assert.equal(reg.status, 201, `register: ${JSON.stringify(reg.body)}`);
-  const login = await rest('POST', '/v1/auth/login', null, { username, password });
-  assert.equal(login.status, 200, `login: ${JSON.stringify(login.body)}`);
-  return { id: login.body.user.id, token: login.body.access_token };
 }
 
 /** A room owned by `owner` with `members` invited; returns its id and channel. */
