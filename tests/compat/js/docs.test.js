@@ -97,6 +97,9 @@ test("a viewer receives edits, but its own reach neither the other clients nor t
   o.text.insert(0, 'read me');
   await until(() => v.text.toString() === 'read me', 'the owner edit at the viewer');
   assert.deepEqual(v.denied, [], 'reading is allowed');
+  // Viewers still share awareness: the others see where they are.
+  v.provider.awareness.setLocalStateField('user', { name: 'viewer' });
+  await until(() => o.provider.awareness.getStates().get(v.doc.clientID)?.user?.name === 'viewer', "the viewer's awareness at the owner");
 
   v.text.insert(0, 'VIEWER ');
   await until(() => v.denied.length > 0, 'the permission-denied message at the viewer');
@@ -171,7 +174,7 @@ async function cursorAtB(t, aOpts = {}) {
   assert.equal(state.user.name, 'alice');
   const abs = Y.createAbsolutePositionFromRelativePosition(Y.createRelativePositionFromJSON(state.cursor.anchor), b.doc);
   assert.equal(abs.index, 3, "a's cursor resolves to the same place in b's copy");
-  return { a, b };
+  return { a, b, bob, doc };
 }
 
 async function goneWithin(b, clientID, ms) {
@@ -181,10 +184,15 @@ async function goneWithin(b, clientID, ms) {
 }
 
 test("a closed client's cursor disappears for the others within 2 s (provider destroyed)", async (t) => {
-  const { a, b } = await cursorAtB(t);
+  const { a, b, bob, doc } = await cursorAtB(t);
   const id = a.doc.clientID;
+  // A late joiner (bob's second tab) is told the cursors that are already there.
+  const late = docClient(t, bob, doc.id);
+  await late.synced();
+  await until(() => late.provider.awareness.getStates().get(id)?.cursor, "a's cursor at the late joiner");
   a.close();
   const took = await goneWithin(b, id, 2000);
+  await goneWithin(late, id, 2000);
   t.diagnostic(`gone after ${took} ms`);
 });
 
