@@ -260,19 +260,22 @@ impl Document {
         Ok(Applied::Changed)
     }
 
-    /// Runs a local change (a server-side edit) and queues it like a client update.
-    pub(crate) fn change(
+    /// Runs a local change (a server-side edit) of the text named `text` and queues it like a
+    /// client update. The text is looked up before the transaction opens: yrs takes its own
+    /// write lock to create a root type, so doing it inside `edit` would deadlock.
+    pub(crate) fn change_text(
         &self,
-        edit: impl FnOnce(&Doc, &mut yrs::TransactionMut<'_>),
+        text: &str,
+        edit: impl FnOnce(&mut yrs::TransactionMut<'_>, &yrs::TextRef),
     ) -> Result<Applied, ApplyError> {
         let mut st = self.lock();
         if st.closed {
             return Err(ApplyError::Closed);
         }
         let effective = {
-            let doc = st.doc.clone();
-            let mut txn = doc.transact_mut();
-            edit(&doc, &mut txn);
+            let t = st.doc.get_or_insert_text(text);
+            let mut txn = st.doc.transact_mut();
+            edit(&mut txn, &t);
             txn.encode_update_v1()
         };
         if effective == Update::EMPTY_V1 {

@@ -433,8 +433,7 @@ impl Collab {
     /// Appends `text` at the end of the [`TEXT_NAME`] text.
     pub async fn append_text(&self, doc_id: i64, text: &str) -> Result<bool, CollabError> {
         self.change(doc_id, |doc| {
-            doc.change(|d, txn| {
-                let t = d.get_or_insert_text(TEXT_NAME);
+            doc.change_text(TEXT_NAME, |txn, t| {
                 let len = t.len(txn);
                 t.insert(txn, len, text);
             })
@@ -520,8 +519,7 @@ impl Collab {
         let label = format!("before restoring \"{}\"", version.label);
         self.save_version(doc_id, &label, true, by).await?;
         self.change(doc_id, |doc| {
-            doc.change(|d, txn| {
-                let t = d.get_or_insert_text(TEXT_NAME);
+            doc.change_text(TEXT_NAME, |txn, t| {
                 let len = t.len(txn);
                 if t.get_string(txn) != old_text {
                     t.remove_range(txn, 0, len);
