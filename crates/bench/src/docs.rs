@@ -6,7 +6,7 @@
 //! a client sends step1 and the server answers step2 (what the client lacks) and its own step1,
 //! which the client answers with step2. Edits go out as sync updates, and the server relays
 //! them, possibly merged, to every connection of the document, the sender included. Awareness,
-//! auth and unknown messages are ignored. The codec is [`parse_frame`] and [`sync_frame`].
+//! auth and unknown messages are ignored. The codec is `parse_frame` and `sync_frame`.
 //!
 //! **Targets.** With `--base-url` (the default) the bench talks to Switchboard: it registers a
 //! fresh account, creates each document over REST and connects to `ws://HOST/docs/{id}?token=`.
@@ -16,19 +16,19 @@
 //! **Editors.** Each editor is one connection with its own `yrs::Doc` and client id. It inserts
 //! `--chars` characters into the Y.Text `content` `--rate` times per second, on its own clock,
 //! spread evenly over one send interval so that editors do not fire together. Sends are open
-//! loop. Keeping a full replica in every editor costs the bench O(E²) integrations: 1,000
-//! editors at 2 edits/s measured 3–4 CPU-s per second and 9 GB in yrs. So only the first
+//! loop. Keeping a full replica in every editor costs the bench O(E²) integrations: in a yrs
+//! micro-benchmark, 1,000 editors at 2 edits/s took 3–4 CPU-s/s and 9 GB. So only the first
 //! `--replicas` editors apply what they receive; they insert at a random position of their
 //! replica. The others keep the document as it was when they joined (the seed text) plus their
 //! own edits, and type at their own cursor from a random start. They stay valid Yjs clients:
 //! every insert names neighbours that the editor has seen.
 //!
 //! **Latency.** An observer connection (not an editor) applies every update. Each editor
-//! records `(its client, clock after the edit) -> send time` in [`Sends`] before it sends. After
+//! records `(its client, clock after the edit) -> send time` in `Sends` before it sends. After
 //! integrating an update, the observer knows each client's new clock, and every edit that the
 //! clock now covers has arrived. This works with merged updates, and with updates that arrive
 //! out of order (yrs keeps them pending until their predecessors arrive; see
-//! [`Observer::apply`]). Edits count when their send time falls in the measured window.
+//! `Observer::apply`). Edits count when their send time falls in the measured window.
 //!
 //! **Convergence.** After the window the bench waits until the observer has every edit and
 //! the connections are quiet. Then every replica's text, a late joiner's text and, against
