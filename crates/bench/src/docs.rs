@@ -1388,13 +1388,14 @@ async fn editor_loop(
                     };
                     clock += p.chars;
                     seq += 1;
+                    let frame = Message::binary(sync_frame(SYNC_UPDATE, &update));
                     let t = now_ns();
                     shared.sends.sent(me.i, clock, t);
                     shared.sent.fetch_add(1, Ordering::Relaxed);
                     if shared.window.contains(t) {
                         shared.sent_in_window.fetch_add(1, Ordering::Relaxed);
                     }
-                    if let Err(e) = ws.send(Message::binary(sync_frame(SYNC_UPDATE, &update))).await {
+                    if let Err(e) = ws.send(frame).await {
                         shared.error(anyhow!("editor send failed: {e}"));
                         failed = true;
                         break;

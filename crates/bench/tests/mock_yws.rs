@@ -1,8 +1,9 @@
 //! Runs `bench docs` against a small in-process y-websocket server built on yrs. The mock
 //! keeps one document per path, answers step1 with step2, sends its own step1 and an empty
 //! awareness heartbeat after the upgrade, and relays updates to every connection of the
-//! document, the sender included unless `skip_sender` is set. Updates that arrive within one 20 ms tick go out merged into
-//! one, as Switchboard's relay does. It uses yrs's own `sync` codec, not the bench's.
+//! document, the sender included unless `skip_sender` is set. Updates that arrive within one
+//! 20 ms tick go out merged into one, as Switchboard's relay does. It uses yrs's own `sync`
+//! codec, not the bench's.
 //!
 //! It also speaks the Switchboard REST calls the bench makes (register, login, create document,
 //! content as text), with `/docs/{id}?token=` on the same port, so both modes are checked
