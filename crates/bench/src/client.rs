@@ -159,7 +159,26 @@ impl Dialer {
             .map_err(|_| anyhow!("connect timed out after {OPEN_TIMEOUT:?}"))?
     }
 
+    /// Opens connection `i` to `url` with no protocol handshake: TCP and the WebSocket upgrade
+    /// only, for protocols other than Centrifugo's (`bench docs` speaks y-websocket). `url` must
+    /// name the dialer's host and port; only its path and query may differ.
+    pub(crate) async fn open_ws(&self, i: usize, url: &str) -> anyhow::Result<Ws> {
+        tokio::time::timeout(OPEN_TIMEOUT, self.upgrade(i, url))
+            .await
+            .map_err(|_| anyhow!("connect timed out after {OPEN_TIMEOUT:?}"))?
+    }
+
     async fn open_inner(&self, i: usize, token: &str) -> anyhow::Result<Ws> {
+        let mut ws = self.upgrade(i, &self.url).await?;
+        let connect = serde_json::json!({
+            "id": 1,
+            "connect": {"token": token, "name": "bench"}
+        });
+        request_reply(&mut ws, 1, connect.to_string(), "connect").await?;
+        Ok(ws)
+    }
+
+    async fn upgrade(&self, i: usize, url: &str) -> anyhow::Result<Ws> {
         let socket = TcpSocket::new_v4()
             .or_else(|_| TcpSocket::new_v6())
             .context("socket")?;
@@ -174,16 +193,11 @@ impl Dialer {
         }
         let stream = socket.connect(self.addr).await.context("tcp connect")?;
         stream.set_nodelay(true)?;
-        let request = self.url.as_str().into_client_request()?;
-        let (mut ws, _) =
+        let request = url.into_client_request()?;
+        let (ws, _) =
             tokio_tungstenite::client_async_with_config(request, stream, Some(self.config))
                 .await
                 .context("websocket upgrade")?;
-        let connect = serde_json::json!({
-            "id": 1,
-            "connect": {"token": token, "name": "bench"}
-        });
-        request_reply(&mut ws, 1, connect.to_string(), "connect").await?;
         Ok(ws)
     }
 }
@@ -264,13 +278,20 @@ pub(crate) struct Opened {
 }
 
 /// Opens `n` clients with at most `concurrency` setups in flight. `setup(i)` dials and prepares
-/// client `i`. Then `run(i, ws)` drives it in its own task until it ends. This returns once every
-/// setup has succeeded or failed. The clients keep running in the returned tasks.
-pub(crate) async fn open_all<S, SF, R, RF>(n: usize, concurrency: usize, setup: S, run: R) -> Opened
+/// client `i`, usually returning its [`Ws`] (`bench docs` returns the connection with its
+/// document). Then `run(i, client)` drives it in its own task until it ends. This returns once
+/// every setup has succeeded or failed. The clients keep running in the returned tasks.
+pub(crate) async fn open_all<T, S, SF, R, RF>(
+    n: usize,
+    concurrency: usize,
+    setup: S,
+    run: R,
+) -> Opened
 where
+    T: Send + 'static,
     S: Fn(usize) -> SF + Send + Sync + 'static,
-    SF: Future<Output = anyhow::Result<Ws>> + Send + 'static,
-    R: Fn(usize, Ws) -> RF + Send + Sync + 'static,
+    SF: Future<Output = anyhow::Result<T>> + Send + 'static,
+    R: Fn(usize, T) -> RF + Send + Sync + 'static,
     RF: Future<Output = ()> + Send + 'static,
 {
     let concurrency = concurrency.max(1);

@@ -330,16 +330,21 @@ async fn close_codes(stalled: Vec<Ws>) -> Vec<Option<u16>> {
     futures_util::future::join_all(reads).await
 }
 
-/// A bench that used nearly all the cores it may run on has measured itself, not the server.
-pub(crate) fn warn_if_bench_bound(bench_cpu: Option<f64>, window_s: f64) {
+/// Whether the bench used nearly all the cores it may run on (its affinity mask, so `taskset`
+/// counts) over a window of `window_s`. Such a bench has measured itself, not the server.
+pub(crate) fn bench_bound(bench_cpu: Option<f64>, window_s: f64) -> Option<bool> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-    if let Some(cpu) = bench_cpu {
-        if cpu > 0.9 * cores * window_s {
-            eprintln!(
-                "bench: used {cpu:.2} CPU-s of {:.2} available ({cores} cores): the bench may be the bottleneck; give it more cores or lower the load",
-                cores * window_s
-            );
-        }
+    bench_cpu.map(|cpu| cpu > 0.9 * cores * window_s)
+}
+
+pub(crate) fn warn_if_bench_bound(bench_cpu: Option<f64>, window_s: f64) {
+    if bench_bound(bench_cpu, window_s) == Some(true) {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        eprintln!(
+            "bench: used {:.2} CPU-s of {:.2} available ({cores} cores): the bench may be the bottleneck; give it more cores or lower the load",
+            bench_cpu.unwrap_or_default(),
+            cores * window_s
+        );
     }
 }
 

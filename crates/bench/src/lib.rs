@@ -11,8 +11,11 @@
 //!   end-to-end latency and server CPU per delivery.
 //! - [`chat`]: R rooms of U members who all send. Measures persisted messages/s, send→ack
 //!   and send→deliver latency, and checks that every member saw its room's offsets in order.
-//! - `client`: dials one bench connection (source address, WebSocket, `connect` handshake)
-//!   and sends request/reply commands during setup.
+//! - [`docs`]: E editors on one collaborative document over y-websocket (binary Yjs sync
+//!   messages, not Centrifugo). Measures edit propagation latency, server CPU, memory per
+//!   loaded document and the load time of a large document, and checks convergence.
+//! - `client`: dials one bench connection (source address, WebSocket, `connect` handshake, or
+//!   the bare upgrade for `docs`) and sends request/reply commands during setup.
 //! - `wire`: the cheap receive path. It splits frames into lines and finds `"t":` by byte search.
 //! - `stats`: sharded latency histograms and the percentile summary.
 //! - `procfs`: `/proc` readings (RSS, CPU ticks, open-files limit, which pid listens on a port).
@@ -27,6 +30,7 @@
 pub mod chat;
 mod client;
 pub mod conns;
+pub mod docs;
 pub mod fanout;
 mod procfs;
 mod stats;
@@ -34,6 +38,7 @@ mod wire;
 
 pub use chat::{ChatArgs, ChatReport};
 pub use conns::{ConnsArgs, ConnsReport};
+pub use docs::{DocsArgs, DocsReport};
 pub use fanout::{FanoutArgs, FanoutReport, LatencySummary};
 
 /// Where the server is and how to authenticate to it. Shared by every scenario.
@@ -64,6 +69,9 @@ pub enum BenchCommand {
     /// R rooms of U members, each member sending M messages/s over its own connection.
     /// Reports persisted messages/s, send→ack and send→deliver latency, and ordering checks.
     Chat(ChatArgs),
+    /// E editors typing into one shared document (y-websocket), plus optional memory-per-document
+    /// and large-document load phases. Reports propagation latency, convergence and server cost.
+    Docs(DocsArgs),
 }
 
 /// Runs one scenario and prints its report as one JSON line on stdout.
@@ -75,6 +83,7 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Conns(args) => conns::run(args).await.map(|r| serde_json::to_string(&r)),
         BenchCommand::Fanout(args) => fanout::run(args).await.map(|r| serde_json::to_string(&r)),
         BenchCommand::Chat(args) => chat::run(args).await.map(|r| serde_json::to_string(&r)),
+        BenchCommand::Docs(args) => docs::run(args).await.map(|r| serde_json::to_string(&r)),
     };
     // Flatten the context chain into one message: callers may print only the outermost layer.
     let line = report.map_err(|e| anyhow::anyhow!("{e:#}"))??;
