@@ -20,6 +20,7 @@
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -131,6 +132,8 @@ pub struct Document {
     state: Mutex<State>,
     /// Wakes the document's task: something waits in the fan-out outbox.
     pub(crate) wake: Notify,
+    /// Where the next fan-out starts in the connection list.
+    rotation: AtomicUsize,
 }
 
 impl Document {
@@ -160,6 +163,7 @@ impl Document {
                 closed: false,
             }),
             wake: Notify::new(),
+            rotation: AtomicUsize::new(0),
         }
     }
 
@@ -397,7 +401,11 @@ impl Document {
                     .into_iter(),
             )));
         }
-        for c in conns.iter() {
+        // Each fan-out starts at the next connection, so that no client is always the last to
+        // be written to (at 1,000 connections the last one waits ~10 ms longer than the first).
+        let start = self.rotation.fetch_add(1, Ordering::Relaxed) % conns.len().max(1);
+        let (tail, head) = conns.split_at(start);
+        for c in head.iter().chain(tail) {
             for m in &msgs {
                 c.sink.send(m);
             }
