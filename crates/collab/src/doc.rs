@@ -125,6 +125,10 @@ pub(crate) struct State {
     pub changed_since_version: bool,
     /// Unloaded or deleted: no more joins or updates; reopen instead.
     pub closed: bool,
+    /// When the last fan-out finished, and whether one is running (only one at a time, so
+    /// every connection receives the merged updates in the same order).
+    last_fan_out: Instant,
+    fanning: bool,
 }
 
 pub struct Document {
@@ -161,6 +165,8 @@ impl Document {
                 idle_since: Some(Instant::now()),
                 changed_since_version: false,
                 closed: false,
+                last_fan_out: Instant::now(),
+                fanning: false,
             }),
             wake: Notify::new(),
             rotation: AtomicUsize::new(0),
@@ -294,7 +300,21 @@ impl Document {
         st.unpersisted.push(effective.clone());
         st.out_updates.push(effective);
         st.changed_since_version = true;
-        self.wake.notify_one();
+    }
+
+    /// After a change was queued: fans out at once, on the caller's task, when a tick has
+    /// passed since the last fan-out (a quiet document pays no task hop); otherwise wakes the
+    /// document's task, which fans out when the tick is over.
+    pub(crate) fn fan_out_or_schedule(&self, max_tick: Duration) {
+        let now_due = {
+            let st = self.lock();
+            !st.fanning && st.last_fan_out.elapsed() >= tick_for(st.conns.len(), max_tick)
+        };
+        if now_due {
+            self.fan_out();
+        } else {
+            self.wake.notify_one();
+        }
     }
 
     /// Applies a client's awareness update. `owned` is the set of client ids the connection
@@ -363,10 +383,10 @@ impl Document {
         ))
     }
 
-    /// How long the document's task gathers updates before one fan-out.
-    pub(crate) fn tick(&self, max_tick: Duration) -> Duration {
-        let n = self.lock().conns.len() as u32;
-        (TICK_PER_CONNECTION * n).min(max_tick)
+    /// When the next fan-out is due: a tick after the last one.
+    pub(crate) fn next_fan_out(&self, max_tick: Duration) -> Instant {
+        let st = self.lock();
+        st.last_fan_out + tick_for(st.conns.len(), max_tick)
     }
 
     /// Sends what the outboxes hold: all updates since the last fan-out merged into one, and
@@ -374,9 +394,10 @@ impl Document {
     pub(crate) fn fan_out(&self) -> usize {
         let (conns, updates, aware) = {
             let mut st = self.lock();
-            if st.out_updates.is_empty() && st.out_awareness.is_empty() {
+            if st.fanning || (st.out_updates.is_empty() && st.out_awareness.is_empty()) {
                 return 0;
             }
+            st.fanning = true;
             (
                 st.conns.clone(),
                 std::mem::take(&mut st.out_updates),
@@ -409,6 +430,16 @@ impl Document {
             for m in &msgs {
                 c.sink.send(m);
             }
+        }
+        let more = {
+            let mut st = self.lock();
+            st.fanning = false;
+            st.last_fan_out = Instant::now();
+            !st.out_updates.is_empty() || !st.out_awareness.is_empty()
+        };
+        if more {
+            // Changes that arrived meanwhile go out at the next tick.
+            self.wake.notify_one();
         }
         conns.len() * msgs.len()
     }
@@ -482,6 +513,11 @@ impl Document {
             }
         }
     }
+}
+
+/// How long updates are gathered before one fan-out, for `conns` connections.
+fn tick_for(conns: usize, max_tick: Duration) -> Duration {
+    (TICK_PER_CONNECTION * conns as u32).min(max_tick)
 }
 
 /// One update from several; the parts back if any does not decode.

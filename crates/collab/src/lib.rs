@@ -453,6 +453,7 @@ impl Collab {
                 Ok(doc::Applied::Changed) => {
                     self.inner.metrics.updates.inc();
                     self.inner.mark_dirty(&doc);
+                    doc.fan_out_or_schedule(self.inner.config.max_tick);
                     return Ok(true);
                 }
                 Ok(doc::Applied::Unchanged) => return Ok(false),
@@ -643,15 +644,14 @@ const HOUSEKEEPING: Duration = Duration::from_millis(500);
 async fn run_document(inner: Arc<Inner>, doc: Arc<Document>) {
     let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
     housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_fan_out = Instant::now();
     let mut last_version = Instant::now();
     loop {
         tokio::select! {
             _ = inner.shutdown.cancelled() => break,
             _ = doc.wake.notified() => {
-                // Leading edge: a quiet document sends at once; a busy one gathers updates
-                // until a tick has passed since its last fan-out.
-                let due = last_fan_out + doc.tick(inner.config.max_tick);
+                // A busy document gathers updates until a tick has passed since its last
+                // fan-out (a quiet one was already sent by the connection that changed it).
+                let due = doc.next_fan_out(inner.config.max_tick);
                 if due > Instant::now() {
                     tokio::select! {
                         _ = inner.shutdown.cancelled() => break,
@@ -659,7 +659,6 @@ async fn run_document(inner: Arc<Inner>, doc: Arc<Document>) {
                     }
                 }
                 doc.fan_out();
-                last_fan_out = Instant::now();
                 if doc.lock().closed {
                     break;
                 }

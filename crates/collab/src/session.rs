@@ -132,6 +132,7 @@ impl DocConnection {
                     Ok(Applied::Changed) => {
                         self.inner.metrics.updates.inc();
                         self.inner.mark_dirty(&self.doc);
+                        self.doc.fan_out_or_schedule(self.inner.config.max_tick);
                         Ok(())
                     }
                     Ok(Applied::Unchanged) => Ok(()),
