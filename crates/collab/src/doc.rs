@@ -515,8 +515,15 @@ impl Document {
     }
 }
 
+/// Up to this many connections a document fans every change out at once: a fan-out then
+/// costs well under a millisecond, and gathering would only add latency.
+const GATHER_ABOVE_CONNECTIONS: usize = 64;
+
 /// How long updates are gathered before one fan-out, for `conns` connections.
 fn tick_for(conns: usize, max_tick: Duration) -> Duration {
+    if conns <= GATHER_ABOVE_CONNECTIONS {
+        return Duration::ZERO;
+    }
     (TICK_PER_CONNECTION * conns as u32).min(max_tick)
 }
 
