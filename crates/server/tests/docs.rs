@@ -339,8 +339,14 @@ async fn sync_persistence_and_restart() {
         a.insert(0, "A").await;
         b.insert(0, "B").await;
         tokio::time::sleep(Duration::from_millis(200)).await;
-        while tokio::time::timeout(Duration::from_millis(100), a.next()).await.is_ok() {}
-        while tokio::time::timeout(Duration::from_millis(100), b.next()).await.is_ok() {}
+        while tokio::time::timeout(Duration::from_millis(100), a.next())
+            .await
+            .is_ok()
+        {}
+        while tokio::time::timeout(Duration::from_millis(100), b.next())
+            .await
+            .is_ok()
+        {}
         assert_eq!(a.text(), b.text());
         let text = a.text();
         assert_eq!(text.len(), "hello world".len() + 2);
@@ -392,6 +398,21 @@ async fn permissions_and_close_codes() {
     let mut s = Peer::open(&server, &format!("/docs/{doc}?token={stranger}")).await;
     assert!(matches!(s.next().await, Got::Denied(_)));
     assert_eq!(s.close_code().await, 4403);
+    // An admin may open any document, as over REST.
+    let admin = server
+        .node()
+        .store
+        .create_user(NewUser {
+            username: common::unique("adm"),
+            password_hash: String::new(),
+            display_name: "Admin".into(),
+            role: UserRole::Admin,
+        })
+        .await
+        .unwrap();
+    let mut ad = Peer::join(&server, doc, &server.token(&admin.id.to_string(), None)).await;
+    ad.until_text("abcd").await;
+    drop(ad);
     // No token or a bad one: 4401. Unknown or malformed document ids: 4404.
     let mut n = Peer::open(&server, &format!("/docs/{doc}")).await;
     assert_eq!(n.close_code().await, 4401);
