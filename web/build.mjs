@@ -26,6 +26,9 @@ const result = await build({
   jsxImportSource: 'preact',
   outdir: path.join(out, 'assets'),
   entryNames: '[name]-[hash]',
+  // The editor (CodeMirror, Yjs) is imported lazily: a chunk loaded on a document's page.
+  splitting: true,
+  chunkNames: 'chunk-[hash]',
   metafile: true,
   legalComments: 'none',
   logLevel: 'warning',
