@@ -339,8 +339,14 @@ async fn sync_persistence_and_restart() {
         a.insert(0, "A").await;
         b.insert(0, "B").await;
         tokio::time::sleep(Duration::from_millis(200)).await;
-        while tokio::time::timeout(Duration::from_millis(100), a.next()).await.is_ok() {}
-        while tokio::time::timeout(Duration::from_millis(100), b.next()).await.is_ok() {}
+        while tokio::time::timeout(Duration::from_millis(100), a.next())
+            .await
+            .is_ok()
+        {}
+        while tokio::time::timeout(Duration::from_millis(100), b.next())
+            .await
+            .is_ok()
+        {}
         assert_eq!(a.text(), b.text());
         let text = a.text();
         assert_eq!(text.len(), "hello world".len() + 2);
