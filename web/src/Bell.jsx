@@ -1,5 +1,5 @@
 // The bell: my notifications (mentions, direct rooms, invites, shared documents).
-import { useEffect, useRef, useState } from 'preact/hooks';
+import { useLayoutEffect, useRef, useState } from 'preact/hooks';
 import * as notes from './notes.js';
 import { nameOf, people } from './people.js';
 import { useStore } from './store.js';
@@ -33,7 +33,8 @@ export function Bell() {
   const [open, setOpen] = useState(false);
   const box = useRef(null);
   const count = list.filter((n) => !n.read).length;
-  useEffect(() => {
+  // A layout effect: the listeners must be there as soon as the panel is, not after paint.
+  useLayoutEffect(() => {
     if (!open) return undefined;
     const close = (e) => {
       if (e.type === 'keydown' ? e.key === 'Escape' : !box.current?.contains(e.target)) setOpen(false);

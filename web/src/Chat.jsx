@@ -457,7 +457,7 @@ function EditBox({ m, done, onError }) {
   };
   return (
     <form class="edit" onSubmit={save}>
-      <label class="sr-only" for={`edit-${m.id}`}>Edit message</label>
+      <label class="sr-only" for={`edit-${m.id}`}>Edited text</label>
       <textarea id={`edit-${m.id}`} value={text} rows={2} maxLength={4000} autoFocus
         onInput={(e) => setText(e.currentTarget.value)}
         onKeyDown={(e) => {

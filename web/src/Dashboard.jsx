@@ -124,8 +124,10 @@ const PAD = { l: 34, r: 6, t: 8, b: 18 };
 
 /** A small SVG line chart of the last two minutes. */
 function Chart({ title, samples, series }) {
+  // The window is what we have, from 30 s up to the two minutes kept.
   const end = samples[samples.length - 1].at;
-  const start = end - KEEP * 1000;
+  const span = Math.min(KEEP * 1000, Math.max(30_000, end - samples[0].at));
+  const start = end - span;
   const values = series.flatMap(([, f]) => samples.map(f)).filter((v) => v !== null && v !== undefined);
   const max = Math.max(1, ...values) * 1.1;
   const x = (at) => PAD.l + ((at - start) / (end - start)) * (W - PAD.l - PAD.r);
@@ -148,7 +150,7 @@ function Chart({ title, samples, series }) {
             <text x={PAD.l - 4} y={y(max * t) + 3} class="axis" text-anchor="end">{fmt(max * t, max < 10 ? 1 : 0)}</text>
           </g>
         ))}
-        <text x={PAD.l} y={H - 4} class="axis">−2 min</text>
+        <text x={PAD.l} y={H - 4} class="axis">−{Math.round(span / 1000)} s</text>
         <text x={W - PAD.r} y={H - 4} class="axis" text-anchor="end">now</text>
         {series.map(([name, f, color]) => {
           const pts = samples

@@ -1,6 +1,6 @@
 // Documents: my list (create, open), and one document: title (rename), sharing with a
 // role, versions (save, list, preview, restore) and the collaborative editor.
-import { useEffect, useState } from 'preact/hooks';
+import { useEffect, useLayoutEffect, useState } from 'preact/hooks';
 import { api, me } from './api.js';
 import { findUser, nameOf, people } from './people.js';
 import { useStore } from './store.js';
@@ -326,7 +326,7 @@ async function fetchText(path) {
 }
 
 function Preview({ preview, close }) {
-  useEffect(() => {
+  useLayoutEffect(() => {
     const f = (e) => e.key === 'Escape' && close();
     addEventListener('keydown', f);
     return () => removeEventListener('keydown', f);

@@ -264,7 +264,7 @@ function onEvent(id, data, offset) {
       break;
     }
     case 'typing':
-      if (Number(data.user_id) !== mine) setTyping(id, Number(data.user_id));
+      if (Number(data.user_id) !== mine) setTyping(id, Number(data.user_id), data.ttl_ms ?? TYPING_MS);
       break;
     case 'read':
       setIn('reads', id, (r) => ({ ...r, [data.user_id]: Math.max(r?.[data.user_id] ?? 0, data.offset) }));
@@ -286,18 +286,34 @@ export function markRead(id) {
 
 // ----- typing -----
 
-const typingSent = {};
+const typingSent = {}; // room -> when chat.typing was last sent
+const typedAt = {}; // room -> the last keystroke
 let sweep = null;
 
+/** Call on every keystroke in the composer: tells the room at most every 1.5 s. */
 export function typing(id) {
-  const now = Date.now();
-  if (now - (typingSent[id] ?? 0) < 2000 || !rt.connected()) return;
-  typingSent[id] = now;
-  rt.rpc('chat.typing', { room: id }).catch(() => {});
+  typedAt[id] = Date.now();
+  signalTyping(id);
 }
 
-function setTyping(id, user) {
-  setIn('typing', id, (t) => ({ ...t, [user]: Date.now() + TYPING_MS }));
+function signalTyping(id) {
+  const now = Date.now();
+  if (now - (typingSent[id] ?? 0) < 1500 || !rt.connected()) return;
+  typingSent[id] = now;
+  rt.rpc('chat.typing', { room: id })
+    .then((r) => {
+      // The server passes one push per user and room per second; if this one was held
+      // back and the user is still typing, say it again once that second is over.
+      if (r?.sent === false) {
+        typingSent[id] = 0;
+        setTimeout(() => Date.now() - typedAt[id] < 3000 && signalTyping(id), 1100);
+      }
+    })
+    .catch(() => {});
+}
+
+function setTyping(id, user, ttl) {
+  setIn('typing', id, (t) => ({ ...t, [user]: Date.now() + ttl }));
   sweep ??= setInterval(() => {
     const now = Date.now();
     const typingNow = {};
@@ -343,6 +359,8 @@ function saveOutbox(list) {
 }
 
 export function send(room, text) {
+  // Receivers stop showing "typing" when the message arrives; the next keystroke says it anew.
+  typingSent[room] = 0;
   const item = { key: uuid(), room, text, client_msg_id: uuid(), at: Date.now() };
   saveOutbox([...chat.get().outbox, item]);
   flush();

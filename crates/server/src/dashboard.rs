@@ -128,7 +128,11 @@ impl Sampler {
         };
         let prev = &self.prev;
         let commands = rate(totals.commands, prev.commands, 0);
-        let publications = rate(totals.publications, prev.publications, self.own_publications);
+        let publications = rate(
+            totals.publications,
+            prev.publications,
+            self.own_publications,
+        );
         let deliveries = rate(totals.deliveries, prev.deliveries, self.own_deliveries);
         let doc_updates = rate(totals.doc_updates, prev.doc_updates, 0);
         // Bucket deltas; a histogram that grew a bucket since (it cannot) would be skipped.

@@ -90,10 +90,17 @@ pub async fn serve(req: Request) -> Response {
     let name = path.trim_start_matches('/');
     let (name, bytes) = match file(name) {
         Some(bytes) if !name.is_empty() => (name, bytes),
-        _ if name.rsplit('/').next().is_some_and(|last| last.contains('.')) => {
+        _ if name
+            .rsplit('/')
+            .next()
+            .is_some_and(|last| last.contains('.')) =>
+        {
             return (StatusCode::NOT_FOUND, "not found").into_response();
         }
-        _ => ("index.html", file("index.html").expect("build.rs embeds index.html")),
+        _ => (
+            "index.html",
+            file("index.html").expect("build.rs embeds index.html"),
+        ),
     };
     let mut resp = Response::new(Body::from(bytes));
     let h = resp.headers_mut();
@@ -133,14 +140,23 @@ mod tests {
             content_type("assets/app-X1.js"),
             "text/javascript; charset=utf-8"
         );
-        assert_eq!(content_type("assets/style-X1.css"), "text/css; charset=utf-8");
+        assert_eq!(
+            content_type("assets/style-X1.css"),
+            "text/css; charset=utf-8"
+        );
         assert_eq!(content_type("favicon.svg"), "image/svg+xml");
         assert_eq!(content_type("noext"), "application/octet-stream");
     }
 
     #[test]
     fn reserved_prefixes() {
-        for p in ["/api", "/api/publish", "/v1/x", "/docs/1", "/connection/websocket"] {
+        for p in [
+            "/api",
+            "/api/publish",
+            "/v1/x",
+            "/docs/1",
+            "/connection/websocket",
+        ] {
             assert!(reserved(p), "{p}");
         }
         for p in ["/", "/apis", "/v10", "/chat/1", "/documents"] {

@@ -302,7 +302,11 @@ async fn profiles_by_username_and_ids() {
     assert_eq!(lookup("".into()).await.0, 400);
     let many: Vec<String> = (1..=101).map(|i| i.to_string()).collect();
     assert_eq!(lookup(format!("ids={}", many.join(","))).await.0, 400);
-    let anon = http().get(format!("{base}/v1/users?username=ann_web")).send().await.unwrap();
+    let anon = http()
+        .get(format!("{base}/v1/users?username=ann_web"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(anon.status(), 401);
     server.shutdown().await;
 }
