@@ -59,7 +59,11 @@ fn main() {
                 println!("cargo:rerun-if-env-changed=PATH");
             }
             println!("cargo:warning=the web app was NOT built ({why}); the server will serve a placeholder page at /.");
-            println!("cargo:warning=To build it: install Node.js 20+ with npm, unset SWITCHBOARD_SKIP_WEB, then `touch web/package.json && cargo build` (`npm --prefix web ci && npm --prefix web run build` shows npm's own errors).");
+            if skip {
+                println!("cargo:warning=Unset SWITCHBOARD_SKIP_WEB to build it.");
+            } else {
+                println!("cargo:warning=To build it: install Node.js 20+ with npm, then `touch web/package.json && cargo build` (`npm --prefix web ci && npm --prefix web run build` shows npm's own errors).");
+            }
             let placeholder = out.join("web-placeholder");
             write_if_changed(
                 &placeholder.join("index.html"),

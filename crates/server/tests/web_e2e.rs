@@ -44,12 +44,12 @@ async fn have(tool: &str) -> bool {
 }
 
 /// Fails under CI, otherwise prints a loud skip notice. Returns normally only when skipping.
-fn missing(what: &str) {
+fn missing(need: &str) {
     if std::env::var_os("CI").is_some() {
-        panic!("{what} is required to run the web end-to-end tests (CI is set)");
+        panic!("{need} is required to run the web end-to-end tests (CI is set)");
     }
     eprintln!("\n======================================================================");
-    eprintln!("SKIPPED: {what}; the web app's browser tests did not run.");
+    eprintln!("SKIPPED: no {need}; the web app's browser tests did not run.");
     eprintln!("======================================================================\n");
 }
 
@@ -88,10 +88,10 @@ async fn web_app_in_a_real_browser() {
         );
     }
     if !have("node").await {
-        return missing("node (Node 20+) not found");
+        return missing("node (Node 20+)");
     }
     let Some(chromium) = chromium() else {
-        return missing("chromium not found (apt-get install chromium)");
+        return missing("chromium (apt-get install chromium)");
     };
     let web = repo_root().join("web");
     if !web
@@ -99,7 +99,7 @@ async fn web_app_in_a_real_browser() {
         .exists()
     {
         if !have("npm").await {
-            return missing("npm not found (needed to install playwright-core)");
+            return missing("npm (to install playwright-core)");
         }
         run(
             "npm ci",
