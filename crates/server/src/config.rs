@@ -532,6 +532,24 @@ impl Config {
                 allow_history_for_subscriber: false,
                 ..Default::default()
             });
+        // The live dashboard's feed `system:dashboard` (see `crate::dashboard`): published
+        // by every node each second; clients may subscribe and read the last minute of
+        // samples, nobody may publish, no presence, no join/leave.
+        cfg.namespaces
+            .entry(crate::dashboard::NAMESPACE.into())
+            .or_insert_with(|| NamespaceOptions {
+                presence: false,
+                join_leave: false,
+                history_size: 60,
+                history_ttl: Duration::from_secs(120),
+                allow_publish_for_subscriber: false,
+                allow_publish_for_client: false,
+                allow_presence_for_client: false,
+                allow_presence_for_subscriber: false,
+                allow_history_for_client: false,
+                allow_history_for_subscriber: true,
+                ..Default::default()
+            });
         cfg.validate()?;
         Ok(cfg)
     }
@@ -710,6 +728,10 @@ mod tests {
             (0, false, false)
         );
         assert!(!notes.allow_publish_for_client && !notes.allow_publish_for_subscriber);
+        let system = cfg.namespace("system:dashboard").unwrap();
+        assert!(system.allow_subscribe_for_client && system.allow_history_for_subscriber);
+        assert!(!system.allow_publish_for_client && !system.allow_publish_for_subscriber);
+        assert!(!system.presence && !system.join_leave);
         assert!(cfg.namespace("nope:1").is_none());
         assert!(cfg.namespace("plain").is_some());
     }

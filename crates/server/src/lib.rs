@@ -17,6 +17,8 @@
 //! - [`rest`]: the `/v1` REST API (accounts, rooms, messages).
 //! - [`ws`]: upgrade checks and server-side WebSocket framing.
 //! - [`metrics`]: Prometheus metrics.
+//! - [`dashboard`]: each node's figures, published every second to `system:dashboard`.
+//! - [`web`]: the browser app, embedded at build time and served at `/`.
 
 pub mod accounts;
 pub mod api;
@@ -24,6 +26,7 @@ pub mod auth;
 pub mod chat;
 pub mod config;
 pub mod conn;
+pub mod dashboard;
 pub mod docs;
 pub mod metrics;
 pub mod node;
@@ -32,4 +35,5 @@ pub mod rest;
 pub mod server;
 pub mod sites;
 pub mod testing;
+pub mod web;
 pub mod ws;

@@ -33,6 +33,9 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .merge(crate::rest::routes())
+        // Last: every path no route above took is the web app's (or a 404 under the
+        // server's own prefixes).
+        .fallback(crate::web::serve)
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(node)
 }
@@ -217,6 +220,7 @@ impl Server {
             .await
             .map_err(|e| anyhow::anyhow!("cannot read sites: {e}"))?;
         crate::chat::install(&node);
+        crate::dashboard::start(&node);
         let sweeper = node.clone();
         node.tasks.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(5));
@@ -229,6 +233,9 @@ impl Server {
         });
         node.tasks.spawn(serve(listener, node.clone()));
         tracing::info!(%addr, engine = "memory", store = %node.store.backend(), "switchboard listening");
+        if !crate::web::built() {
+            tracing::warn!("this binary was built without the web app (npm missing or SWITCHBOARD_SKIP_WEB set): / serves a placeholder page");
+        }
         Ok(Server { addr, node })
     }
 

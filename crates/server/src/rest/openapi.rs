@@ -95,6 +95,7 @@ pub const OPS: &[Op] = &[
     Op::new("post", "/v1/auth/login", Auth::None, "Log in: an access token (also a connection token) and a refresh token").body("LoginRequest").ok(200, "TokenPair").errors(&[401, 403, 429]),
     Op::new("post", "/v1/auth/refresh", Auth::None, "Rotate a refresh token for a new token pair; reusing a rotated token signs the user out everywhere").body("RefreshRequest").ok(200, "TokenPair").errors(&[401, 403]),
     Op::new("post", "/v1/auth/logout", Auth::User, "Revoke a refresh token").body("RefreshRequest").ok(204, ""),
+    Op::new("get", "/v1/users", Auth::User, "Public profiles (id, username, display name) by username or by ids").query(&[("username", "string", "one username (any case)"), ("ids", "string", "comma-separated user ids, at most 100")]).ok(200, "ProfileList"),
     Op::new("get", "/v1/users/me", Auth::User, "The caller's account").ok(200, "User"),
     Op::new("patch", "/v1/users/me", Auth::User, "Change the display name and/or the password (a password change revokes every refresh token)").body("PatchMe").ok(200, "User").errors(&[403, 429]),
     Op::new("patch", "/v1/admin/users/{id}", Auth::Admin, "Change a user's role (audited)").body("PatchUser").ok(200, "User").errors(&[404, 409]),
@@ -132,6 +133,16 @@ pub fn schemas() -> Value {
                 },
             }},
         },
+        "Profile": {
+            "type": "object",
+            "required": ["id", "username", "display_name"],
+            "properties": {
+                "id": {"type": "integer", "format": "int64"},
+                "username": {"type": "string"},
+                "display_name": {"type": "string"},
+            },
+        },
+        "ProfileList": {"type": "object", "properties": {"users": {"type": "array", "items": {"$ref": "#/components/schemas/Profile"}}}},
         "User": {
             "type": "object",
             "required": ["id", "username", "display_name", "role", "created_at"],

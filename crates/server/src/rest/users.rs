@@ -1,4 +1,5 @@
-//! `/v1/users/me`: the caller's own account.
+//! `/v1/users/me`: the caller's own account; `/v1/users?username=|ids=`: other users' public
+//! profiles (id, username, display name), for showing names and finding people to invite.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -7,17 +8,76 @@ use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{json, Value};
 use switchboard_store::{NewAudit, User, UserUpdate};
 
 use crate::accounts;
 use crate::node::Node;
 use crate::rest::auth::audit;
 use crate::rest::error::ApiError;
-use crate::rest::extract::{ApiJson, AuthUser, ClientIp};
+use crate::rest::extract::{ApiJson, ApiQuery, AuthUser, ClientIp};
+
+/// Most ids one `GET /v1/users?ids=` may ask for.
+const MAX_LOOKUP_IDS: usize = 100;
 
 pub fn routes() -> Router<Arc<Node>> {
-    Router::new().route("/v1/users/me", get(me).patch(patch_me))
+    Router::new()
+        .route("/v1/users", get(lookup))
+        .route("/v1/users/me", get(me).patch(patch_me))
+}
+
+/// What any signed-in user may see of another: no role, no dates.
+fn profile(u: &User) -> Value {
+    json!({"id": u.id, "username": u.username, "display_name": u.display_name})
+}
+
+#[derive(Deserialize)]
+struct Lookup {
+    username: Option<String>,
+    /// Comma-separated user ids.
+    ids: Option<String>,
+}
+
+/// Public profiles by username (zero or one) or by ids (those that exist, in the order
+/// asked). Usernames are not secret here: registration already tells a taken one.
+async fn lookup(
+    State(node): State<Arc<Node>>,
+    _me: AuthUser,
+    ApiQuery(q): ApiQuery<Lookup>,
+) -> Result<Json<Value>, ApiError> {
+    let mut users = Vec::new();
+    match (q.username, q.ids) {
+        (Some(name), None) => {
+            let name = accounts::normalize_username(&name);
+            if let Some(u) = node.store.user_by_username(&name).await? {
+                users.push(profile(&u));
+            }
+        }
+        (None, Some(ids)) => {
+            let ids: Vec<i64> = ids
+                .split(',')
+                .filter(|s| !s.trim().is_empty())
+                .map(|s| s.trim().parse())
+                .collect::<Result<_, _>>()
+                .map_err(|_| ApiError::BadRequest("ids must be comma-separated integers".into()))?;
+            if ids.len() > MAX_LOOKUP_IDS {
+                return Err(ApiError::BadRequest(format!(
+                    "at most {MAX_LOOKUP_IDS} ids at once"
+                )));
+            }
+            for id in ids {
+                if let Some(u) = node.store.user_by_id(id).await? {
+                    users.push(profile(&u));
+                }
+            }
+        }
+        _ => {
+            return Err(ApiError::BadRequest(
+                "give exactly one of username or ids".into(),
+            ))
+        }
+    }
+    Ok(Json(json!({ "users": users })))
 }
 
 async fn me(me: AuthUser) -> Json<User> {
