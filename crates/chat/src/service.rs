@@ -8,8 +8,8 @@ use serde_json::json;
 use switchboard_hub::{Broker, BrokerError, HistoryFilter, HistoryPage};
 use switchboard_protocol::client::StreamPosition;
 use switchboard_store::{
-    Ban, EventKind, Member, MemberRole, Message, NewEvent, NewMessage, NewNotification,
-    Notification, RoomEvent, Store, StoreError,
+    EventKind, Member, MemberRole, Message, NewEvent, NewMessage, NewNotification, Notification,
+    RoomEvent, Store, StoreError,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -71,6 +71,8 @@ impl From<StoreError> for ChatError {
             StoreError::NotFound => ChatError::NotFound,
             StoreError::Conflict(m) => ChatError::Conflict(m),
             StoreError::Invalid(m) => ChatError::Invalid(m),
+            StoreError::Forbidden => ChatError::Forbidden,
+            StoreError::Muted => ChatError::Muted,
             StoreError::Unavailable(m) => {
                 tracing::warn!(error = %m, "chat: store unavailable");
                 ChatError::Unavailable
@@ -178,17 +180,6 @@ impl Chat {
         }
     }
 
-    /// Like [`Chat::member`], with the user's ban (muted and banned users may not send).
-    async fn sender(&self, room_id: i64, user_id: i64) -> Result<(Member, Option<Ban>), ChatError> {
-        match self.inner.store.sender(room_id, user_id).await? {
-            Some(s) => Ok(s),
-            None => match self.inner.store.room(room_id).await? {
-                Some(_) => Err(ChatError::Forbidden),
-                None => Err(ChatError::NotFound),
-            },
-        }
-    }
-
     /// Appends an edit, delete, removal or restore through the writer, so it is broadcast in
     /// offset order with everything else. The caller has checked permissions.
     pub(crate) async fn append_event(&self, event: NewEvent) -> Result<RoomEvent, ChatError> {
@@ -211,6 +202,13 @@ impl Chat {
 
     /// Sends a message: validated, deduplicated on `(user, client_msg_id)`, committed under
     /// the room's next offset, broadcast, then returned.
+    ///
+    /// Membership, mutes and bans are checked by the writer's transaction
+    /// ([`Store::append_sends`]), not by a read here: the check costs one statement per
+    /// batch instead of a query (and, on SQLite, two thread hops) per send, sees exactly
+    /// what the append commits against, and needs no cache to keep in step with the write
+    /// paths that change membership, on this node or any other. `NotFound` for a missing
+    /// room, `Forbidden` for a non-member, `Muted` for a muted or banned sender.
     pub async fn send(&self, user_id: i64, room_id: i64, send: Send) -> Result<Sent, ChatError> {
         self.validate_text(&send.text)?;
         if let Some(id) = &send.client_msg_id {
@@ -219,11 +217,6 @@ impl Chat {
                     "client_msg_id must be 1-128 bytes".into(),
                 ));
             }
-        }
-        let (member, ban) = self.sender(room_id, user_id).await?;
-        let now = now_ms();
-        if member.muted_until.is_some_and(|t| t > now) || ban.is_some_and(|b| b.active_at(now)) {
-            return Err(ChatError::Muted);
         }
         let (tx, rx) = oneshot::channel();
         let job = Job::Message(
@@ -434,11 +427,4 @@ impl Chat {
             position,
         })
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }

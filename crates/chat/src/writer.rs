@@ -94,7 +94,8 @@ pub(crate) async fn run(
                         Err(_) => break,
                     }
                 }
-                let results = store.append_messages(batch).await;
+                // Checks every sender's membership, mute and ban in the same transaction.
+                let results = store.append_sends(batch).await;
                 let committed = Instant::now();
                 for r in results.iter().flatten() {
                     if !r.duplicate {

@@ -360,3 +360,181 @@ async fn deleting_a_room_is_owner_only_audited_and_ends_subscriptions() {
     );
     server.shutdown().await;
 }
+
+/// Membership, roles, mutes and bans are checked in the send's own transaction, so every
+/// change applies to the very next send, whichever path made it: REST (invite, kick, leave,
+/// join, role change, mute, ban) or a direct store write (another node, the CLI).
+#[tokio::test]
+async fn membership_changes_apply_to_the_next_send() {
+    for db in databases().await {
+        let server = TestServer::start_on(db.url(), "").await;
+        let (_alice, at) = user(&server, "alice").await;
+        let (bob, bt) = user(&server, "bob").await;
+        let (carol, ct) = user(&server, "carol").await;
+        let admin = {
+            let u = server
+                .node()
+                .store
+                .create_user(NewUser {
+                    username: common::unique("root"),
+                    password_hash: String::new(),
+                    display_name: "root".into(),
+                    role: UserRole::Admin,
+                })
+                .await
+                .unwrap();
+            server.token(&u.id.to_string(), None)
+        };
+        let (s, room) = rest(
+            &server,
+            &at,
+            "POST",
+            "/v1/rooms",
+            json!({"kind": "public", "name": "r", "members": [bob]}),
+        )
+        .await;
+        assert_eq!(s, 201, "{room}");
+        let room_id = room["id"].as_i64().unwrap();
+        let channel = room["channel"].as_str().unwrap().to_string();
+        let mut b = connect(&server, &bt).await;
+        let mut c = connect(&server, &ct).await;
+        let mut n = 0;
+        let mut next = || {
+            n += 1;
+            json!({"publish": {"channel": channel, "data": {"text": "hi", "client_msg_id": format!("m{n}")}}})
+        };
+        let ok = |r: &Value| assert!(r.get("publish").is_some(), "{r}");
+        let refused = |r: &Value, code: u64| assert_eq!(r["error"]["code"], code, "{r}");
+
+        // Not a member yet: refused; invited: the next send goes through.
+        refused(&c.call(next()).await, 103);
+        let (s, _) = rest(
+            &server,
+            &at,
+            "POST",
+            &format!("/v1/rooms/{room_id}/invite"),
+            json!({"user_id": carol}),
+        )
+        .await;
+        assert_eq!(s, 200);
+        ok(&c.call(next()).await);
+
+        // Kicked: refused at once, on every send path.
+        ok(&b.call(next()).await);
+        let (s, _) = rest(
+            &server,
+            &at,
+            "POST",
+            &format!("/v1/rooms/{room_id}/kick"),
+            json!({"user_id": bob}),
+        )
+        .await;
+        assert_eq!(s, 204);
+        refused(&b.call(next()).await, 103);
+        let r = b
+            .call(
+                json!({"rpc": {"method": "chat.send", "data": {"room": room_id, "text": "rpc?"}}}),
+            )
+            .await;
+        refused(&r, 103);
+        let (s, _) = rest(
+            &server,
+            &bt,
+            "POST",
+            &format!("/v1/rooms/{room_id}/messages"),
+            json!({"text": "rest?"}),
+        )
+        .await;
+        assert_eq!(s, 403);
+        // Joins again (a public room): sends at once. A role change keeps him sending.
+        let (s, _) = rest(
+            &server,
+            &bt,
+            "POST",
+            &format!("/v1/rooms/{room_id}/join"),
+            Value::Null,
+        )
+        .await;
+        assert_eq!(s, 200);
+        ok(&b.call(next()).await);
+        let (s, _) = rest(
+            &server,
+            &at,
+            "PUT",
+            &format!("/v1/rooms/{room_id}/members/{bob}"),
+            json!({"role": "moderator"}),
+        )
+        .await;
+        assert_eq!(s, 200);
+        ok(&b.call(next()).await);
+
+        // Leaves: refused at once.
+        let (s, _) = rest(
+            &server,
+            &ct,
+            "POST",
+            &format!("/v1/rooms/{room_id}/leave"),
+            Value::Null,
+        )
+        .await;
+        assert_eq!(s, 204);
+        refused(&c.call(next()).await, 103);
+
+        // Muted over REST, then unmuted: refused, then accepted, each at once.
+        let until = switchboard_store::now_ms() + 60_000;
+        let mute_path = format!("/v1/rooms/{room_id}/mute");
+        let mute = |until: Value| {
+            let body = json!({"user_id": bob, "until": until});
+            rest(&server, &at, "POST", &mute_path, body)
+        };
+        assert_eq!(mute(json!(until)).await.0, 200);
+        refused(&b.call(next()).await, 103);
+        assert_eq!(mute(Value::Null).await.0, 200);
+        ok(&b.call(next()).await);
+
+        // Banned over REST, then lifted.
+        let (s, _) = rest(
+            &server,
+            &admin,
+            "POST",
+            &format!("/v1/moderation/users/{bob}/ban"),
+            json!({"reason": "spam"}),
+        )
+        .await;
+        assert_eq!(s, 200);
+        refused(&b.call(next()).await, 103);
+        let (s, _) = rest(
+            &server,
+            &admin,
+            "POST",
+            &format!("/v1/moderation/users/{bob}/unban"),
+            Value::Null,
+        )
+        .await;
+        assert_eq!(s, 204);
+        ok(&b.call(next()).await);
+
+        // A write that bypasses this node's REST and chat service (another node, the CLI)
+        // applies just as fast: nothing is cached.
+        let store = &server.node().store;
+        store.remove_member(room_id, bob).await.unwrap();
+        refused(&b.call(next()).await, 103);
+        store
+            .add_member(room_id, bob, switchboard_store::MemberRole::Member)
+            .await
+            .unwrap();
+        ok(&b.call(next()).await);
+
+        // Only the accepted sends took offsets: 1..=7, no gaps.
+        let events = store.events(room_id, 0, 100).await.unwrap();
+        let offsets: Vec<i64> = events.iter().map(|e| e.offset).collect();
+        assert_eq!(offsets, (1..=7).collect::<Vec<_>>());
+
+        // The room is deleted: unknown channel.
+        let url = format!("{}/v1/rooms/{room_id}", server.http_url());
+        let s = http().delete(url).bearer_auth(&at).send().await.unwrap();
+        assert_eq!(s.status().as_u16(), 204);
+        refused(&b.call(next()).await, 102);
+        server.shutdown().await;
+    }
+}

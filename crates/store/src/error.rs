@@ -19,6 +19,13 @@ pub enum StoreError {
     /// a `reply_to` outside the room, a malformed URL).
     #[error("invalid: {0}")]
     Invalid(String),
+    /// The sender of a message is not a member of its room ([`crate::Store::append_sends`]).
+    #[error("not a member")]
+    Forbidden,
+    /// The sender of a message is muted in its room or banned
+    /// ([`crate::Store::append_sends`]).
+    #[error("muted or banned")]
+    Muted,
     /// The database cannot be reached or is too busy: connection refused or lost, timeouts,
     /// pool exhaustion, locks, serialization failures. Retrying later may succeed.
     #[error("store unavailable: {0}")]
@@ -36,6 +43,8 @@ impl StoreError {
             StoreError::NotFound => StoreError::NotFound,
             StoreError::Conflict(s) => StoreError::Conflict(s.clone()),
             StoreError::Invalid(s) => StoreError::Invalid(s.clone()),
+            StoreError::Forbidden => StoreError::Forbidden,
+            StoreError::Muted => StoreError::Muted,
             StoreError::Unavailable(s) => StoreError::Unavailable(s.clone()),
             StoreError::Other(e) => StoreError::Other(e.to_string().into()),
         }

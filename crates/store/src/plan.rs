@@ -1,7 +1,9 @@
-//! Batch planning for `append_messages`, shared by both backends and free of SQL.
+//! Batch planning for `append_messages` and `append_sends`, shared by both backends and free
+//! of SQL.
 //!
-//! A backend opens the transaction, looks up what the batch refers to ([`Lookup`]), and
-//! lets [`Plan::new`] decide per message: error, duplicate, or new. It then reserves
+//! A backend opens the transaction, looks up what the batch refers to ([`Lookup`]; for
+//! `append_sends` also each sender's standing in its room), and lets [`Plan::new`] decide
+//! per message: error, duplicate, or new. It then reserves
 //! offsets per room in ascending room order ([`Plan::room_counts`]; a fixed lock order, so
 //! two batches never deadlock on each other's rooms), writes [`Plan::new_rows`], commits, and
 //! turns the plan into results with [`Plan::finish`].
@@ -21,7 +23,59 @@ pub(crate) struct Lookup {
     pub rooms: HashSet<i64>,
     /// Room of each stored message named by a `reply_to`.
     pub reply_rooms: HashMap<i64, i64>,
+    /// For `append_sends`: the `(room_id, user_id)` pairs of the batch whose sender may not
+    /// send there, and why; every other pair is a member in good standing (so its room
+    /// exists and its user too). `None`: not checked, and `users` and `rooms` decide instead.
+    pub refused: Option<HashMap<(i64, i64), Refusal>>,
 }
+
+/// Why a sender may not send in a room, as the batch's transaction read it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    NoRoom,
+    NotMember,
+    /// Muted in the room or banned, at the batch's time.
+    Muted,
+}
+
+impl Refusal {
+    /// The code the senders lookup returns: 0 no room, 1 not a member, 2 muted or banned.
+    pub fn from_code(code: i32) -> Refusal {
+        match code {
+            0 => Refusal::NoRoom,
+            1 => Refusal::NotMember,
+            _ => Refusal::Muted,
+        }
+    }
+
+    fn error(self) -> StoreError {
+        match self {
+            Refusal::NoRoom => StoreError::NotFound,
+            Refusal::NotMember => StoreError::Forbidden,
+            Refusal::Muted => StoreError::Muted,
+        }
+    }
+}
+
+/// The WHERE clause and code of the senders lookup, shared by both backends: a pair is
+/// refused if its room is missing, its user is not a member, or the member is muted or
+/// banned at `$now` (a ban without `until_at` lasts until lifted). Aliases: `r` rooms,
+/// `rm` room_members, `b` user_bans.
+macro_rules! refusal_sql {
+    (code) => {
+        "CASE WHEN r.id IS NULL THEN 0 WHEN rm.user_id IS NULL THEN 1 ELSE 2 END"
+    };
+    (where $now:literal) => {
+        concat!(
+            "r.id IS NULL OR rm.user_id IS NULL OR rm.muted_until > ",
+            $now,
+            " OR (b.user_id IS NOT NULL AND (b.until_at IS NULL OR b.until_at > ",
+            $now,
+            "))"
+        )
+    };
+}
+pub(crate) use refusal_sql;
 
 /// The keys a batch needs looked up.
 pub(crate) struct Wanted {
@@ -29,21 +83,31 @@ pub(crate) struct Wanted {
     pub users: Vec<i64>,
     pub rooms: Vec<i64>,
     pub replies: Vec<i64>,
+    /// `(room_id, user_id)` of every message, for `append_sends` (which then needs no
+    /// `users` or `rooms` lookup); empty otherwise.
+    pub senders: Vec<(i64, i64)>,
 }
 
 impl Wanted {
-    pub fn of(batch: &[NewMessage]) -> Wanted {
+    /// What `batch` refers to; with `senders`, each sender's standing in its room instead of
+    /// the batch's users and rooms.
+    pub fn of(batch: &[NewMessage], senders: bool) -> Wanted {
         let mut keys = Vec::new();
         let mut users = Vec::new();
         let mut rooms = Vec::new();
         let mut replies = Vec::new();
+        let mut pairs = Vec::new();
         for m in batch {
+            if senders {
+                pairs.push((m.room_id, m.user_id));
+            } else {
+                users.push(m.user_id);
+                rooms.push(m.room_id);
+            }
             // A key with NUL is refused by `Plan::new`; PostgreSQL would refuse the lookup.
             if let Some(c) = m.client_msg_id.as_ref().filter(|c| !c.contains('\0')) {
                 keys.push((m.user_id, c.clone()));
             }
-            users.push(m.user_id);
-            rooms.push(m.room_id);
             replies.extend(m.reply_to);
         }
         for v in [&mut users, &mut rooms, &mut replies] {
@@ -52,11 +116,14 @@ impl Wanted {
         }
         keys.sort_unstable();
         keys.dedup();
+        pairs.sort_unstable();
+        pairs.dedup();
         Wanted {
             keys,
             users,
             rooms,
             replies,
+            senders: pairs,
         }
     }
 }
@@ -84,6 +151,12 @@ impl Plan {
         for (i, m) in batch.iter().enumerate() {
             let slot = (|| {
                 check_text("text", &m.text)?;
+                if let Some(refused) = &lookup.refused {
+                    // Before dedupe: a retry by a sender refused now is refused too.
+                    if let Some(r) = refused.get(&(m.room_id, m.user_id)) {
+                        return Err(r.error());
+                    }
+                }
                 if let Some(c) = &m.client_msg_id {
                     check_text("client_msg_id", c)?;
                     if let Some(orig) = lookup.existing.get(&(m.user_id, c.clone())) {
@@ -93,11 +166,14 @@ impl Plan {
                         return Ok(Slot::SameAs(j));
                     }
                 }
-                if !lookup.rooms.contains(&m.room_id) {
-                    return Err(StoreError::NotFound);
-                }
-                if !lookup.users.contains(&m.user_id) {
-                    return Err(StoreError::Invalid(format!("unknown user {}", m.user_id)));
+                // A sender in good standing is a member: its room and user exist.
+                if lookup.refused.is_none() {
+                    if !lookup.rooms.contains(&m.room_id) {
+                        return Err(StoreError::NotFound);
+                    }
+                    if !lookup.users.contains(&m.user_id) {
+                        return Err(StoreError::Invalid(format!("unknown user {}", m.user_id)));
+                    }
                 }
                 if let Some(r) = m.reply_to {
                     if lookup.reply_rooms.get(&r) != Some(&m.room_id) {
@@ -293,6 +369,53 @@ mod tests {
         let second = out[1].as_ref().unwrap();
         assert!(!second.duplicate);
         assert_eq!(second.message.id, 7);
+    }
+
+    #[test]
+    fn senders_are_checked_before_dedupe() {
+        let refused = [
+            ((10, 2), Refusal::NotMember),
+            ((10, 3), Refusal::Muted),
+            ((99, 1), Refusal::NoRoom),
+        ]
+        .into();
+        let mut lk = Lookup {
+            refused: Some(refused),
+            ..Lookup::default()
+        };
+        let old = Message {
+            id: 1,
+            room_id: 10,
+            offset: 1,
+            user_id: 3,
+            client_msg_id: Some("old".into()),
+            text: "hi".into(),
+            reply_to: None,
+            created_at: 0,
+            edited_at: None,
+            deleted: false,
+            removed: false,
+        };
+        lk.existing.insert((3, "old".into()), old);
+        let batch = vec![
+            msg(10, 1, None),
+            msg(10, 2, None),
+            msg(10, 3, Some("old")), // a retry of a stored message, but muted now
+            msg(99, 1, None),
+            msg(10, 4, None), // not refused: a member, although `users` is empty
+        ];
+        let mut plan = Plan::new(batch, lk, 50);
+        assert_eq!(plan.new_count(), 2);
+        plan.assign(&[(10, 2)].into());
+        let out = plan.finish(&[((10, 1), 7), ((10, 2), 8)].into());
+        assert_eq!(out[0].as_ref().unwrap().message.id, 7);
+        assert!(matches!(out[1], Err(StoreError::Forbidden)));
+        assert!(matches!(out[2], Err(StoreError::Muted)));
+        assert!(matches!(out[3], Err(StoreError::NotFound)));
+        assert_eq!(out[4].as_ref().unwrap().message.id, 8);
+        let wanted = Wanted::of(&[msg(10, 1, None), msg(10, 1, None)], true);
+        assert!(wanted.users.is_empty() && wanted.rooms.is_empty());
+        assert_eq!(wanted.senders, vec![(10, 1)]);
     }
 
     #[test]

@@ -3,7 +3,10 @@
 //! Offsets: `UPDATE rooms SET last_offset = last_offset + n ... RETURNING` takes the room
 //! row's lock until commit, so appenders of one room serialize on it and offsets are handed
 //! out gap-free: the increment and the rows that use it commit or roll back together.
-//! Batches lock their rooms in ascending id order, so they cannot deadlock on each other.
+//! A batch locks all its rooms with one `SELECT ... ORDER BY id FOR NO KEY UPDATE` (rows are
+//! locked in the order returned, ascending id) and then moves all their offsets with one
+//! `UPDATE ... FROM UNNEST`, so batches cannot deadlock on each other and a batch costs the
+//! same number of round trips however many rooms it touches.
 //!
 //! Dedupe under concurrency: the lookup reads committed rows at statement start (READ
 //! COMMITTED), so two transactions may both find a client message id absent. The insert's
@@ -21,7 +24,7 @@ use std::str::FromStr;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
 use sqlx::{ConnectOptions, Connection, Postgres, Transaction};
 
-use crate::plan::{Lookup, Plan, Wanted};
+use crate::plan::{refusal_sql, Lookup, Plan, Refusal, Wanted};
 use crate::{migrations, Backend, StoreOptions};
 
 /// Attempts of a batch that keeps meeting concurrent duplicates before giving up with
@@ -121,12 +124,14 @@ impl PgStore {
             .map_err(db_err)
     }
 
+    /// `append_messages` (and, with `senders`, `append_sends`) for PostgreSQL.
     async fn append_batch(
         &self,
         mut batch: Vec<NewMessage>,
+        senders: bool,
     ) -> Result<Vec<Result<AppendedMessage, StoreError>>, StoreError> {
         for _ in 0..APPEND_ATTEMPTS {
-            match self.try_append(batch).await? {
+            match self.try_append(batch, senders).await? {
                 Ok(results) => return Ok(results),
                 Err(again) => batch = again,
             }
@@ -141,25 +146,39 @@ impl PgStore {
     async fn try_append(
         &self,
         batch: Vec<NewMessage>,
+        senders: bool,
     ) -> Result<Result<Vec<Result<AppendedMessage, StoreError>>, Vec<NewMessage>>, StoreError> {
         let mut tx = self.begin_write().await?;
-        let lookup = lookup(&mut tx, &Wanted::of(&batch)).await?;
-        let mut plan = Plan::new(batch, lookup, now_ms());
+        let now = now_ms();
+        let lookup = lookup(&mut tx, &Wanted::of(&batch, senders), now).await?;
+        let mut plan = Plan::new(batch, lookup, now);
+        let (rooms, counts): (Vec<i64>, Vec<i64>) = plan.room_counts().into_iter().unzip();
         let mut last = BTreeMap::new();
-        for (room, count) in plan.room_counts() {
-            let top: Option<i64> = sqlx::query_scalar(
-                "UPDATE rooms SET last_offset = last_offset + $1 WHERE id = $2 RETURNING last_offset",
+        if !rooms.is_empty() {
+            // Two statements for every room of the batch: lock the rows in ascending id order
+            // (so two batches never deadlock on each other's rooms), then move their offsets.
+            let locked: Vec<i64> = sqlx::query_scalar(
+                "SELECT id FROM rooms WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
             )
-            .bind(count)
-            .bind(room)
-            .fetch_optional(&mut *tx)
+            .bind(&rooms)
+            .fetch_all(&mut *tx)
             .await
             .map_err(db_err)?;
-            match top {
-                Some(top) => last.insert(room, top),
+            if locked.len() != rooms.len() {
                 // Deleted since the lookup: roll back and plan again.
-                None => return Ok(Err(plan.into_batch())),
-            };
+                return Ok(Err(plan.into_batch()));
+            }
+            let tops: Vec<(i64, i64)> = sqlx::query_as(
+                "UPDATE rooms SET last_offset = rooms.last_offset + x.n \
+                 FROM UNNEST($1::BIGINT[], $2::BIGINT[]) AS x(id, n) \
+                 WHERE rooms.id = x.id RETURNING rooms.id, rooms.last_offset",
+            )
+            .bind(&rooms)
+            .bind(&counts)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_err)?;
+            last.extend(tops);
         }
         plan.assign(&last);
         let expected = plan.new_count();
@@ -219,6 +238,7 @@ impl PgStore {
 async fn lookup(
     tx: &mut Transaction<'static, Postgres>,
     wanted: &Wanted,
+    now: i64,
 ) -> Result<Lookup, StoreError> {
     let mut out = Lookup::default();
     if !wanted.keys.is_empty() {
@@ -241,20 +261,46 @@ async fn lookup(
             out.existing.insert(key, m);
         }
     }
-    out.users = sqlx::query_scalar("SELECT id FROM users WHERE id = ANY($1)")
-        .bind(&wanted.users)
+    if !wanted.senders.is_empty() {
+        // Only the refused pairs come back (usually none).
+        let (rooms, users): (Vec<i64>, Vec<i64>) = wanted.senders.iter().copied().unzip();
+        let rows: Vec<(i64, i64, i32)> = sqlx::query_as(concat!(
+            "SELECT x.r, x.u, ",
+            refusal_sql!(code),
+            " FROM UNNEST($1::BIGINT[], $2::BIGINT[]) AS x(r, u) \
+             LEFT JOIN rooms r ON r.id = x.r \
+             LEFT JOIN room_members rm ON rm.room_id = r.id AND rm.user_id = x.u \
+             LEFT JOIN user_bans b ON b.user_id = rm.user_id WHERE ",
+            refusal_sql!(where "$3"),
+        ))
+        .bind(&rooms)
+        .bind(&users)
+        .bind(now)
         .fetch_all(&mut **tx)
         .await
-        .map_err(db_err)?
-        .into_iter()
-        .collect();
-    out.rooms = sqlx::query_scalar("SELECT id FROM rooms WHERE id = ANY($1)")
-        .bind(&wanted.rooms)
-        .fetch_all(&mut **tx)
-        .await
-        .map_err(db_err)?
-        .into_iter()
-        .collect();
+        .map_err(db_err)?;
+        let refused = rows.into_iter();
+        let refused = refused.map(|(room, user, code)| ((room, user), Refusal::from_code(code)));
+        out.refused = Some(refused.collect());
+    }
+    if !wanted.users.is_empty() {
+        out.users = sqlx::query_scalar("SELECT id FROM users WHERE id = ANY($1)")
+            .bind(&wanted.users)
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(db_err)?
+            .into_iter()
+            .collect();
+    }
+    if !wanted.rooms.is_empty() {
+        out.rooms = sqlx::query_scalar("SELECT id FROM rooms WHERE id = ANY($1)")
+            .bind(&wanted.rooms)
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(db_err)?
+            .into_iter()
+            .collect();
+    }
     if !wanted.replies.is_empty() {
         out.reply_rooms =
             sqlx::query_as::<_, (i64, i64)>("SELECT id, room_id FROM messages WHERE id = ANY($1)")

@@ -394,6 +394,28 @@ macro_rules! sql_store {
             }
         }
 
+        impl $store {
+            /// `append_batch`, with a failed transaction reported to every message.
+            /// `senders`: check each sender's standing too (`append_sends`).
+            async fn append_or_fail(
+                &self,
+                batch: Vec<NewMessage>,
+                senders: bool,
+            ) -> Vec<Result<AppendedMessage, StoreError>> {
+                if batch.is_empty() {
+                    return Vec::new();
+                }
+                let n = batch.len();
+                match self.append_batch(batch, senders).await {
+                    Ok(results) => results,
+                    Err(e) => {
+                        tracing::warn!(error = %e, messages = n, "append batch failed");
+                        (0..n).map(|_| Err(e.replicate())).collect()
+                    }
+                }
+            }
+        }
+
         #[async_trait::async_trait]
         impl $crate::Store for $store {
             fn backend(&self) -> Backend {
@@ -833,17 +855,14 @@ macro_rules! sql_store {
                 &self,
                 batch: Vec<NewMessage>,
             ) -> Vec<Result<AppendedMessage, StoreError>> {
-                if batch.is_empty() {
-                    return Vec::new();
-                }
-                let n = batch.len();
-                match self.append_batch(batch).await {
-                    Ok(results) => results,
-                    Err(e) => {
-                        tracing::warn!(error = %e, messages = n, "append batch failed");
-                        (0..n).map(|_| Err(e.replicate())).collect()
-                    }
-                }
+                self.append_or_fail(batch, false).await
+            }
+
+            async fn append_sends(
+                &self,
+                batch: Vec<NewMessage>,
+            ) -> Vec<Result<AppendedMessage, StoreError>> {
+                self.append_or_fail(batch, true).await
             }
 
             async fn append_event(&self, event: NewEvent) -> Result<RoomEvent, StoreError> {

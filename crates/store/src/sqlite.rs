@@ -8,9 +8,11 @@
 //! which in WAL mode never blocks the writer nor waits for it. `busy_timeout` still covers
 //! other processes (a `switchboard migrate` run beside a server).
 //!
-//! A batch append is a handful of statements whatever its size: JSON-parameter lookups, one
-//! offset reservation per room, multi-row `INSERT ... VALUES` in fixed chunk sizes (every
-//! value bound), and one `INSERT ... SELECT` per room for the stream events.
+//! A batch append is seven statements whatever its size and however many rooms it touches
+//! (each one is a round trip to the connection's worker thread): begin, the lookups, one
+//! `UPDATE` reserving every room's offsets, one `INSERT` of the messages, one of their stream
+//! events, commit. Rows and keys go in as one JSON parameter per statement, unpacked by
+//! `json_each`: every value is still bound.
 //!
 //! Durability: `synchronous = FULL`. In WAL mode, NORMAL may lose the last commits on power
 //! loss or an OS crash (never on a process crash); FULL syncs the WAL at every commit, so an
@@ -19,7 +21,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use sqlx::sqlite::{
@@ -28,7 +29,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{Sqlite, Transaction};
 
-use crate::plan::{Lookup, Plan, Wanted};
+use crate::plan::{refusal_sql, Lookup, Plan, Refusal, Wanted};
 use crate::{migrations, Backend, StoreOptions};
 
 /// How long a connection waits for another process's write lock.
@@ -137,63 +138,88 @@ impl SqliteStore {
         self.reader.begin().await.map_err(db_err)
     }
 
-    /// `append_messages` for SQLite. The write lock is held from `BEGIN IMMEDIATE`, so what
-    /// the lookup sees cannot change before the commit: no retries are needed.
+    /// `append_messages` (and, with `senders`, `append_sends`) for SQLite. The write lock is
+    /// held from `BEGIN IMMEDIATE`, so what the lookup sees (senders' standing included)
+    /// cannot change before the commit: no retries are needed.
+    ///
+    /// Every statement is a round trip to the connection's worker thread (sqlx runs each
+    /// SQLite connection on a thread of its own), so the batch is written with a fixed
+    /// number of statements whatever its size or the number of rooms it touches: begin,
+    /// the lookups, one `UPDATE` for every room's offsets, one `INSERT` for the messages,
+    /// one for their events, commit. The rows go in as one JSON parameter per statement
+    /// (unpacked by `json_each`), still bound, never spliced into the SQL.
     async fn append_batch(
         &self,
         batch: Vec<NewMessage>,
+        senders: bool,
     ) -> Result<Vec<Result<AppendedMessage, StoreError>>, StoreError> {
         let mut tx = self.begin_write().await?;
-        let lookup = lookup(&mut tx, &Wanted::of(&batch)).await?;
-        let mut plan = Plan::new(batch, lookup, now_ms());
-        let mut last = BTreeMap::new();
-        for (room, count) in plan.room_counts() {
-            let top: i64 = sqlx::query_scalar(
-                "UPDATE rooms SET last_offset = last_offset + $1 WHERE id = $2 RETURNING last_offset",
+        let now = now_ms();
+        let lookup = lookup(&mut tx, &Wanted::of(&batch, senders), now).await?;
+        let mut plan = Plan::new(batch, lookup, now);
+        let counts: Vec<(i64, i64)> = plan.room_counts().into_iter().collect();
+        let mut ids = HashMap::new();
+        if !counts.is_empty() {
+            let last: BTreeMap<i64, i64> = sqlx::query_as(
+                "UPDATE rooms SET last_offset = last_offset + c.n \
+                 FROM (SELECT value ->> 0 AS id, value ->> 1 AS n FROM json_each($1)) AS c \
+                 WHERE rooms.id = c.id RETURNING rooms.id, rooms.last_offset",
             )
-            .bind(count)
-            .bind(room)
-            .fetch_one(&mut *tx)
+            .bind(json(&counts))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_err)?
+            .into_iter()
+            .collect();
+            if last.len() != counts.len() {
+                // The lookup found these rooms under the same write lock.
+                return Err(StoreError::other("a room vanished inside its append"));
+            }
+            plan.assign(&last);
+            let rows: Vec<_> = plan
+                .new_rows()
+                .map(|(m, offset)| {
+                    let cmid = m.client_msg_id.as_deref();
+                    (
+                        m.room_id,
+                        offset,
+                        m.user_id,
+                        cmid,
+                        m.text.as_str(),
+                        m.reply_to,
+                    )
+                })
+                .collect();
+            let inserted: Vec<(i64, i64, i64)> = sqlx::query_as(
+                "INSERT INTO messages \
+                 (room_id, seq, user_id, client_msg_id, text, reply_to, created_at) \
+                 SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, \
+                 value ->> 5, $2 FROM json_each($1) ORDER BY key \
+                 RETURNING id, room_id, seq",
+            )
+            .bind(json(&rows))
+            .bind(plan.created_at())
+            .fetch_all(&mut *tx)
             .await
             .map_err(db_err)?;
-            last.insert(room, top);
-        }
-        plan.assign(&last);
-        let created_at = plan.created_at();
-        let rows: Vec<(&NewMessage, i64)> = plan.new_rows().collect();
-        let mut ids = HashMap::with_capacity(rows.len());
-        let mut rest = &rows[..];
-        while !rest.is_empty() {
-            let n = chunk_len(rest.len());
-            let (chunk, tail) = rest.split_at(n);
-            let mut q = sqlx::query_as::<_, (i64, i64, i64)>(insert_messages_sql(n));
-            for &(m, offset) in chunk {
-                q = q
-                    .bind(m.room_id)
-                    .bind(offset)
-                    .bind(m.user_id)
-                    .bind(m.client_msg_id.as_deref())
-                    .bind(m.text.as_str())
-                    .bind(m.reply_to)
-                    .bind(created_at);
-            }
-            for (id, room, seq) in q.fetch_all(&mut *tx).await.map_err(db_err)? {
-                ids.insert((room, seq), id);
-            }
-            rest = tail;
-        }
-        // Each room's new messages hold a contiguous block of offsets: copy the block into
-        // the stream with one statement per room.
-        for (room, count) in plan.room_counts() {
-            let top = last[&room];
+            ids.extend(
+                inserted
+                    .into_iter()
+                    .map(|(id, room, seq)| ((room, seq), id)),
+            );
+            // Each room's new messages hold a contiguous block of offsets, ending at its new
+            // last offset: copy the blocks into the stream in one statement.
+            let blocks: Vec<(i64, i64, i64)> = counts
+                .iter()
+                .map(|&(room, n)| (room, last[&room] - n + 1, last[&room]))
+                .collect();
             sqlx::query(
                 "INSERT INTO room_events (room_id, seq, kind, message_id, user_id, data, created_at) \
-                 SELECT room_id, seq, 'message', id, user_id, '{}', created_at FROM messages \
-                 WHERE room_id = $1 AND seq BETWEEN $2 AND $3",
+                 SELECT m.room_id, m.seq, 'message', m.id, m.user_id, '{}', m.created_at \
+                 FROM json_each($1) AS j CROSS JOIN messages AS m \
+                 ON m.room_id = j.value ->> 0 AND m.seq BETWEEN j.value ->> 1 AND j.value ->> 2",
             )
-            .bind(room)
-            .bind(top - count + 1)
-            .bind(top)
+            .bind(json(&blocks))
             .execute(&mut *tx)
             .await
             .map_err(db_err)?;
@@ -203,50 +229,13 @@ impl SqliteStore {
     }
 }
 
-/// Rows per multi-row INSERT. A batch is cut into chunks of these sizes, largest first, so
-/// only eight statement shapes exist and all stay prepared in the statement cache.
-/// 128 rows x 7 columns stays far below SQLite's limit of 32766 parameters.
-const CHUNKS: [usize; 8] = [128, 64, 32, 16, 8, 4, 2, 1];
-
-fn chunk_len(remaining: usize) -> usize {
-    CHUNKS.into_iter().find(|&c| c <= remaining).unwrap_or(1)
-}
-
-/// `INSERT INTO messages ... VALUES (...), (...) RETURNING id, room_id, seq` for `rows` rows,
-/// built once per chunk size from placeholders only: every value is still a bound parameter.
-fn insert_messages_sql(rows: usize) -> &'static str {
-    static SQL: OnceLock<Vec<String>> = OnceLock::new();
-    let all = SQL.get_or_init(|| {
-        CHUNKS
-            .iter()
-            .map(|&n| {
-                let values: Vec<String> = (0..n)
-                    .map(|r| {
-                        let p: Vec<String> = (1..=7).map(|c| format!("${}", r * 7 + c)).collect();
-                        format!("({})", p.join(", "))
-                    })
-                    .collect();
-                format!(
-                    "INSERT INTO messages \
-                     (room_id, seq, user_id, client_msg_id, text, reply_to, created_at) \
-                     VALUES {} RETURNING id, room_id, seq",
-                    values.join(", ")
-                )
-            })
-            .collect()
-    });
-    let i = CHUNKS
-        .iter()
-        .position(|&c| c == rows)
-        .expect("a chunk size");
-    &all[i]
-}
-
-/// Resolves a batch's references in four statements, whatever its size: the key lists go
-/// in as one JSON parameter each and are unpacked by `json_each`.
+/// Resolves a batch's references in at most four statements, whatever its size (for
+/// `append_sends`: the dedupe keys, the refused senders, and replies if any): the key lists
+/// go in as one JSON parameter each and are unpacked by `json_each`.
 async fn lookup(
     tx: &mut Transaction<'static, Sqlite>,
     wanted: &Wanted,
+    now: i64,
 ) -> Result<Lookup, StoreError> {
     let mut out = Lookup::default();
     if !wanted.keys.is_empty() {
@@ -268,22 +257,49 @@ async fn lookup(
             out.existing.insert(key, m);
         }
     }
-    out.users =
-        sqlx::query_scalar("SELECT id FROM users WHERE id IN (SELECT value FROM json_each($1))")
-            .bind(json(&wanted.users))
-            .fetch_all(&mut **tx)
-            .await
-            .map_err(db_err)?
-            .into_iter()
-            .collect();
-    out.rooms =
-        sqlx::query_scalar("SELECT id FROM rooms WHERE id IN (SELECT value FROM json_each($1))")
-            .bind(json(&wanted.rooms))
-            .fetch_all(&mut **tx)
-            .await
-            .map_err(db_err)?
-            .into_iter()
-            .collect();
+    if !wanted.senders.is_empty() {
+        // Only the refused pairs come back (usually none); LEFT JOINs keep json_each the
+        // outer loop, with one primary-key probe per table and pair.
+        let rows: Vec<(i64, i64, i32)> = sqlx::query_as(concat!(
+            "SELECT j.value ->> 0, j.value ->> 1, ",
+            refusal_sql!(code),
+            " FROM json_each($1) AS j \
+             LEFT JOIN rooms AS r ON r.id = j.value ->> 0 \
+             LEFT JOIN room_members AS rm ON rm.room_id = r.id AND rm.user_id = j.value ->> 1 \
+             LEFT JOIN user_bans AS b ON b.user_id = rm.user_id WHERE ",
+            refusal_sql!(where "$2"),
+        ))
+        .bind(json(&wanted.senders))
+        .bind(now)
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(db_err)?;
+        let refused = rows.into_iter();
+        let refused = refused.map(|(room, user, code)| ((room, user), Refusal::from_code(code)));
+        out.refused = Some(refused.collect());
+    }
+    if !wanted.users.is_empty() {
+        out.users = sqlx::query_scalar(
+            "SELECT id FROM users WHERE id IN (SELECT value FROM json_each($1))",
+        )
+        .bind(json(&wanted.users))
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(db_err)?
+        .into_iter()
+        .collect();
+    }
+    if !wanted.rooms.is_empty() {
+        out.rooms = sqlx::query_scalar(
+            "SELECT id FROM rooms WHERE id IN (SELECT value FROM json_each($1))",
+        )
+        .bind(json(&wanted.rooms))
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(db_err)?
+        .into_iter()
+        .collect();
+    }
     if !wanted.replies.is_empty() {
         out.reply_rooms = sqlx::query_as::<_, (i64, i64)>(
             "SELECT id, room_id FROM messages WHERE id IN (SELECT value FROM json_each($1))",

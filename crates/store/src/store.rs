@@ -125,6 +125,23 @@ pub trait Store: Send + Sync + 'static {
         batch: Vec<NewMessage>,
     ) -> Vec<Result<AppendedMessage, StoreError>>;
 
+    /// [`Store::append_messages`] for what users send: the same transaction also checks
+    /// each sender's standing, so the check and the append see the same state and a send
+    /// needs no read of its own. Per message, before dedupe: `NotFound` if the room does
+    /// not exist, `Forbidden` if the sender is not a member of it, `Muted` if the sender is
+    /// muted there or banned at the batch's time. A refused message takes no offset (a
+    /// retry by a user muted since the first attempt is refused too).
+    ///
+    /// On SQLite the batch holds the write lock from its first read, so a membership, mute
+    /// or ban change is ordered wholly before or after it. On PostgreSQL the check reads
+    /// what was committed when the batch's lookup ran (READ COMMITTED): a change that
+    /// commits while a batch is being written does not stop that batch, and stops every
+    /// batch that starts after it.
+    async fn append_sends(
+        &self,
+        batch: Vec<NewMessage>,
+    ) -> Vec<Result<AppendedMessage, StoreError>>;
+
     /// Applies an edit, delete, removal or restore to a message and appends the event
     /// under the room's next offset, in one transaction. `NotFound` if the message is not in
     /// that room, `Conflict` if its state forbids it (editing a deleted or removed message,

@@ -62,6 +62,7 @@ on_both! {
         offsets_gap_free_under_concurrency,
         dedupe_on_retry,
         batch_with_duplicates_and_failures,
+        sends_check_membership_mutes_and_bans,
         events_and_paging,
         edits_deletes_and_moderation,
         flags_and_bans,

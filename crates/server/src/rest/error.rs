@@ -68,6 +68,8 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound => ApiError::NotFound("not found".into()),
             StoreError::Conflict(m) => ApiError::Conflict(m),
             StoreError::Invalid(m) => ApiError::BadRequest(m),
+            StoreError::Forbidden => ApiError::Forbidden("not a member of this room".into()),
+            StoreError::Muted => ApiError::Forbidden("you are muted in this room".into()),
             StoreError::Unavailable(m) => {
                 tracing::warn!(error = %m, "rest: database unavailable");
                 ApiError::Unavailable

@@ -492,6 +492,118 @@ pub async fn batch_with_duplicates_and_failures(store: Arc<dyn Store>) {
     assert!(store.append_messages(Vec::new()).await.is_empty());
 }
 
+/// `append_sends` checks each sender's standing in the batch's own transaction: refused
+/// messages take no offset and the rest of the batch commits; a change of membership,
+/// mute or ban applies to the very next batch.
+pub async fn sends_check_membership_mutes_and_bans(store: Arc<dyn Store>) {
+    let alice = user(&store, "alice").await;
+    let bob = user(&store, "bob").await;
+    let carol = user(&store, "carol").await;
+    let r = room(&store, alice.id, RoomKind::Private).await;
+    store
+        .add_member(r.id, bob.id, MemberRole::Member)
+        .await
+        .unwrap();
+    let sends = |batch: Vec<NewMessage>| {
+        let store = store.clone();
+        async move { store.append_sends(batch).await }
+    };
+    assert!(sends(Vec::new()).await.is_empty());
+
+    // One batch: member, stranger, missing room, an unknown user, member again.
+    let out = sends(vec![
+        msg(r.id, alice.id, "s1", "hi"),
+        msg(r.id, carol.id, "s2", "let me in"),
+        msg(r.id + 1000, alice.id, "s3", "nowhere"),
+        msg(r.id, i64::MAX, "s4", "who?"),
+        msg(r.id, bob.id, "s5", "hello"),
+    ])
+    .await;
+    assert_eq!(out[0].as_ref().unwrap().message.offset, 1);
+    assert!(matches!(out[1], Err(StoreError::Forbidden)), "{:?}", out[1]);
+    assert!(matches!(out[2], Err(StoreError::NotFound)), "{:?}", out[2]);
+    assert!(matches!(out[3], Err(StoreError::Forbidden)), "{:?}", out[3]);
+    assert_eq!(out[4].as_ref().unwrap().message.offset, 2);
+    assert_eq!(offsets(&store, r.id).await, vec![1, 2]);
+
+    // Invited: the next batch accepts carol. Muted: bob is refused, even for a retry of a
+    // stored message, and takes no offset; unmuted, he sends again.
+    store
+        .add_member(r.id, carol.id, MemberRole::Member)
+        .await
+        .unwrap();
+    store
+        .set_member_muted(r.id, bob.id, Some(now_ms() + 60_000))
+        .await
+        .unwrap();
+    let out = sends(vec![
+        msg(r.id, carol.id, "s2", "let me in"),
+        msg(r.id, bob.id, "s6", "muted?"),
+        msg(r.id, bob.id, "s5", "hello"),
+    ])
+    .await;
+    assert_eq!(out[0].as_ref().unwrap().message.offset, 3);
+    assert!(matches!(out[1], Err(StoreError::Muted)), "{:?}", out[1]);
+    assert!(matches!(out[2], Err(StoreError::Muted)), "{:?}", out[2]);
+    // A mute that has ended does not count.
+    store
+        .set_member_muted(r.id, bob.id, Some(now_ms() - 1))
+        .await
+        .unwrap();
+    let out = sends(vec![msg(r.id, bob.id, "s6", "free")]).await;
+    assert_eq!(out[0].as_ref().unwrap().message.offset, 4);
+
+    // Banned (anywhere): refused; an expired ban does not count; lifted, sends again.
+    let ban = |until| NewBan {
+        until,
+        reason: "spam".into(),
+        created_by: None,
+    };
+    store.set_ban(carol.id, ban(None)).await.unwrap();
+    let out = sends(vec![msg(r.id, carol.id, "s7", "banned?")]).await;
+    assert!(matches!(out[0], Err(StoreError::Muted)), "{:?}", out[0]);
+    store
+        .set_ban(carol.id, ban(Some(now_ms() - 1)))
+        .await
+        .unwrap();
+    let out = sends(vec![msg(r.id, carol.id, "s7", "expired")]).await;
+    assert_eq!(out[0].as_ref().unwrap().message.offset, 5);
+    store.set_ban(carol.id, ban(None)).await.unwrap();
+    assert!(store.lift_ban(carol.id).await.unwrap());
+    let out = sends(vec![msg(r.id, carol.id, "s8", "lifted")]).await;
+    assert_eq!(out[0].as_ref().unwrap().message.offset, 6);
+
+    // Kicked: refused at once; its dedupe key still returns nothing new.
+    store.remove_member(r.id, bob.id).await.unwrap();
+    let out = sends(vec![
+        msg(r.id, bob.id, "s9", "still here?"),
+        msg(r.id, alice.id, "s10", "bye bob"),
+    ])
+    .await;
+    assert!(matches!(out[0], Err(StoreError::Forbidden)), "{:?}", out[0]);
+    assert_eq!(out[1].as_ref().unwrap().message.offset, 7);
+
+    // Dedupe works as in append_messages, within a batch and across batches.
+    let out = sends(vec![
+        msg(r.id, alice.id, "s11", "once"),
+        msg(r.id, alice.id, "s11", "once"),
+        msg(r.id, alice.id, "s1", "hi"),
+    ])
+    .await;
+    let first = out[0].as_ref().unwrap();
+    assert!(!first.duplicate);
+    assert_eq!(first.message.offset, 8);
+    assert!(out[1].as_ref().unwrap().duplicate);
+    assert_eq!(out[1].as_ref().unwrap().message.id, first.message.id);
+    assert!(out[2].as_ref().unwrap().duplicate);
+    assert_eq!(out[2].as_ref().unwrap().message.offset, 1);
+
+    // A deleted room: NotFound.
+    store.delete_room(r.id).await.unwrap();
+    let out = sends(vec![msg(r.id, alice.id, "s12", "gone")]).await;
+    assert!(matches!(out[0], Err(StoreError::NotFound)), "{:?}", out[0]);
+}
+
 pub async fn events_and_paging(store: Arc<dyn Store>) {
     let alice = user(&store, "alice").await;
     let r = room(&store, alice.id, RoomKind::Public).await;
