@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use switchboard_protocol::client::{ClientInfo, Publication, StreamPosition};
 use switchboard_protocol::RawValue;
 
@@ -56,12 +57,21 @@ pub struct HistoryPage {
     pub position: StreamPosition,
 }
 
-/// Receives what the broker delivers to this node. Called in offset order per channel; it must
-/// not block (the in-memory broker calls it while holding the channel's stream lock).
+/// Receives what the broker delivers to this node. It must not block (the in-memory broker
+/// calls it while holding the channel's stream lock). Engines call it in the order their
+/// service delivered; publications made on different nodes may arrive out of offset order,
+/// and the hub puts them back in order (see [`crate::hub`]).
 pub trait BrokerEventHandler: Send + Sync {
-    fn handle_publication(&self, channel: &str, publication: Arc<Publication>);
+    /// `epoch` is the epoch of the stream the offset belongs to, or "" when the publication's
+    /// position was assigned outside the broker ([`Broker::broadcast`]).
+    fn handle_publication(&self, channel: &str, publication: Arc<Publication>, epoch: &str);
     fn handle_join(&self, channel: &str, info: &ClientInfo);
     fn handle_leave(&self, channel: &str, info: &ClientInfo);
+    /// A message on a node topic this node subscribed to ([`Broker::subscribe_topic`]).
+    fn handle_message(&self, topic: &str, payload: Bytes);
+    /// The engine lost its connection to the service and has it back (subscriptions restored).
+    /// Deliveries in between may be missing, so positioned channels must recover.
+    fn handle_reconnect(&self);
 }
 
 #[async_trait]
@@ -106,9 +116,22 @@ pub trait Broker: Send + Sync {
 
     /// Drops expired streams. Called periodically by the server.
     fn sweep(&self) {}
+
+    /// Sends `payload` to every node subscribed to `topic`, the sender included when it is
+    /// subscribed. Node-to-node traffic (control messages, document relays): no history, at
+    /// most once, in order per sender. Topics are separate from channels.
+    async fn publish_message(&self, topic: &str, payload: Bytes) -> Result<(), BrokerError>;
+    /// Starts delivering `topic`'s messages to this node's `handle_message`. Deliveries start
+    /// before this returns.
+    async fn subscribe_topic(&self, topic: &str) -> Result<(), BrokerError>;
+    async fn unsubscribe_topic(&self, topic: &str) -> Result<(), BrokerError>;
+
+    /// A short name for logs and `/api/info` ("memory", "redis", "nats").
+    fn name(&self) -> &'static str;
 }
 
-/// Who is subscribed to a channel, across the cluster.
+/// Who is subscribed to a channel, across the cluster. Engines shared by many nodes keep each
+/// node's entries alive with heartbeats, so a crashed node's clients expire after a TTL.
 #[async_trait]
 pub trait PresenceStore: Send + Sync {
     async fn add(&self, channel: &str, info: &ClientInfo) -> Result<(), BrokerError>;

@@ -233,7 +233,7 @@ impl Inner {
 }
 
 impl BrokerEventHandler for Inner {
-    fn handle_publication(&self, channel: &str, publication: Arc<Publication>) {
+    fn handle_publication(&self, channel: &str, publication: Arc<Publication>, _epoch: &str) {
         self.metrics.publications.inc();
         let Some((name, subs)) = self.subscribers(channel) else {
             return;
@@ -249,6 +249,10 @@ impl BrokerEventHandler for Inner {
     fn handle_leave(&self, channel: &str, info: &ClientInfo) {
         self.join_leave(channel, "leave", info)
     }
+
+    fn handle_message(&self, _topic: &str, _payload: Bytes) {}
+
+    fn handle_reconnect(&self) {}
 }
 
 #[cfg(test)]

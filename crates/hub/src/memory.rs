@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use dashmap::DashMap;
 use switchboard_protocol::client::{ClientInfo, Publication, StreamPosition};
 use switchboard_protocol::RawValue;
@@ -64,6 +65,8 @@ pub struct MemoryBroker {
     /// synchronous hand-off to the handler, never across an await.
     streams: DashMap<Arc<str>, Arc<Mutex<Stream>>>,
     idle_ttl: Duration,
+    /// Node topics subscribed (one node: a message goes back to this node when subscribed).
+    topics: Mutex<HashSet<String>>,
 }
 
 impl Default for MemoryBroker {
@@ -79,6 +82,7 @@ impl MemoryBroker {
             handler: OnceLock::new(),
             streams: DashMap::new(),
             idle_ttl,
+            topics: Mutex::new(HashSet::new()),
         }
     }
 
@@ -123,7 +127,7 @@ impl Broker for MemoryBroker {
         let handler = self.handler();
         if opts.history_size == 0 {
             if let Some(h) = handler {
-                h.handle_publication(channel, Arc::new(publication));
+                h.handle_publication(channel, Arc::new(publication), "");
             }
             return Ok(StreamPosition::default());
         }
@@ -143,7 +147,7 @@ impl Broker for MemoryBroker {
         s.expires_at = now + opts.history_ttl;
         let position = s.position();
         if let Some(h) = handler {
-            h.handle_publication(channel, publication);
+            h.handle_publication(channel, publication, &position.epoch);
         }
         Ok(position)
     }
@@ -154,7 +158,7 @@ impl Broker for MemoryBroker {
         publication: Arc<Publication>,
     ) -> Result<(), BrokerError> {
         if let Some(h) = self.handler() {
-            h.handle_publication(channel, publication);
+            h.handle_publication(channel, publication, "");
         }
         Ok(())
     }
@@ -209,6 +213,33 @@ impl Broker for MemoryBroker {
         let now = Instant::now();
         self.streams
             .retain(|_, s| !expired(&s.lock().expect("stream lock poisoned"), now));
+    }
+
+    async fn publish_message(&self, topic: &str, payload: Bytes) -> Result<(), BrokerError> {
+        let subscribed = self.topics.lock().expect("topics lock poisoned").contains(topic);
+        if subscribed {
+            if let Some(h) = self.handler() {
+                h.handle_message(topic, payload);
+            }
+        }
+        Ok(())
+    }
+
+    async fn subscribe_topic(&self, topic: &str) -> Result<(), BrokerError> {
+        self.topics
+            .lock()
+            .expect("topics lock poisoned")
+            .insert(topic.to_owned());
+        Ok(())
+    }
+
+    async fn unsubscribe_topic(&self, topic: &str) -> Result<(), BrokerError> {
+        self.topics.lock().expect("topics lock poisoned").remove(topic);
+        Ok(())
+    }
+
+    fn name(&self) -> &'static str {
+        "memory"
     }
 }
 

@@ -1,0 +1,7 @@
+//! The NATS engine (to be written).
+use crate::{Engine, EngineOptions};
+use switchboard_hub::BrokerError;
+
+pub async fn connect(_url: &str, _opts: EngineOptions) -> Result<Engine, BrokerError> {
+    Err(BrokerError::Unavailable("nats engine not built yet".into()))
+}
