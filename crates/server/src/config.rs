@@ -58,6 +58,34 @@ pub struct Config {
     pub accounts: AccountsConfig,
     /// Collaborative documents (`/docs/{id}`): persistence, limits, versions.
     pub docs: DocsConfig,
+    /// The engine nodes share: in-process (one node), Redis or NATS.
+    pub broker: BrokerConfig,
+}
+
+/// `[broker]`: how this node reaches the other nodes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// Empty: in-process, one node. `redis://HOST:PORT[/DB]` or `nats://HOST:PORT`: one of N
+    /// nodes sharing that engine (also `--broker`, `SWITCHBOARD_BROKER_URL`).
+    pub url: String,
+    /// Prefix of every key, subject, stream and bucket the engine uses, so several
+    /// deployments can share one Redis or NATS.
+    pub prefix: String,
+    /// How long a crashed node's clients stay in presence (heartbeats every third of it),
+    /// and how long a silent node stays in `/api/info`.
+    #[serde(with = "dur")]
+    pub presence_ttl: Duration,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            url: String::new(),
+            prefix: "switchboard".into(),
+            presence_ttl: Duration::from_secs(15),
+        }
+    }
 }
 
 impl Default for Config {
@@ -79,6 +107,7 @@ impl Default for Config {
             namespaces: BTreeMap::new(),
             accounts: AccountsConfig::default(),
             docs: DocsConfig::default(),
+            broker: BrokerConfig::default(),
         }
     }
 }
@@ -495,6 +524,7 @@ impl Config {
                 "API_KEY" => "api.key".to_string(),
                 "ALLOWED_ORIGINS" => "allowed_origins".to_string(),
                 "DATABASE_URL" => "database".to_string(),
+                "BROKER_URL" => "broker.url".to_string(),
                 other => other.to_ascii_lowercase().replace("__", "."),
             };
             set_path(&mut table, &defaults, &path, &v)

@@ -60,6 +60,9 @@ struct ConfigArgs {
     /// Database URL: sqlite:PATH or postgres://... [default: sqlite in the data directory].
     #[arg(long)]
     database: Option<String>,
+    /// Engine shared by all nodes: redis://... or nats://... [default: in-process, one node].
+    #[arg(long)]
+    broker: Option<String>,
 }
 
 impl ConfigArgs {
@@ -82,6 +85,9 @@ impl ConfigArgs {
         }
         if let Some(v) = &self.database {
             flags.push(("database", v.clone()));
+        }
+        if let Some(v) = &self.broker {
+            flags.push(("broker.url", v.clone()));
         }
         Config::load(self.config.as_deref(), std::env::vars(), &flags).map_err(|e| e.to_string())
     }

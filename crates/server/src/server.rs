@@ -188,6 +188,17 @@ pub struct Server {
     pub node: Arc<Node>,
 }
 
+/// A URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((_, host)) => format!("{scheme}://***@{host}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
 impl Server {
     /// Resolves secrets, binds, logs what matters about the configuration, and starts serving.
     pub async fn start(config: Config) -> anyhow::Result<Server> {
@@ -214,7 +225,36 @@ impl Server {
         let store = switchboard_store::open(&url)
             .await
             .map_err(|e| anyhow::anyhow!("cannot open the database: {e}"))?;
-        let node = Node::new(config, &secrets, store)?;
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let engine = if config.broker.url.is_empty() {
+            None
+        } else {
+            let opts = switchboard_engines::EngineOptions {
+                prefix: config.broker.prefix.clone(),
+                presence_ttl: config.broker.presence_ttl,
+                history_max_size: std::iter::once(&config.channel)
+                    .chain(config.namespaces.values())
+                    .map(|ns| ns.history_size)
+                    .max()
+                    .unwrap_or_default()
+                    .max(1),
+                history_max_ttl: std::iter::once(&config.channel)
+                    .chain(config.namespaces.values())
+                    .map(|ns| ns.history_ttl)
+                    .max()
+                    .unwrap_or_default()
+                    .max(Duration::from_secs(1)),
+                shutdown: shutdown.clone(),
+            };
+            let engine = switchboard_engines::connect(&config.broker.url, opts)
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!("cannot use the broker {}: {e}", redact(&config.broker.url))
+                })?;
+            Some(engine)
+        };
+        let node = Node::new(config, &secrets, store, engine, shutdown)?;
+        crate::cluster::start(&node).await?;
         node.site_origins
             .reload(&*node.store)
             .await
@@ -232,7 +272,7 @@ impl Server {
             }
         });
         node.tasks.spawn(serve(listener, node.clone()));
-        tracing::info!(%addr, engine = "memory", store = %node.store.backend(), "switchboard listening");
+        tracing::info!(%addr, engine = node.hub.broker.name(), store = %node.store.backend(), "switchboard listening");
         if !crate::web::built() {
             tracing::warn!("this binary was built without the web app (npm missing or SWITCHBOARD_SKIP_WEB set): / serves a placeholder page");
         }
