@@ -152,6 +152,25 @@ where
         tracing::warn!("refused: connection limit reached");
         return (StatusCode::SERVICE_UNAVAILABLE, "connection limit reached").into_response();
     }
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    if let Some(ip) = peer {
+        if let Err(retry) = node.connection_rate.admit(ip, std::time::Instant::now()) {
+            // Debug, not info: a flood would otherwise flood the log too.
+            tracing::debug!(%ip, "refused: connection rate per address");
+            let secs = (retry.as_millis() as u64).div_ceil(1000).max(1);
+            let mut resp = (
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many new connections from this address",
+            )
+                .into_response();
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            return resp;
+        }
+    }
     let on_upgrade = hyper::upgrade::on(&mut req);
     let task_node = node.clone();
     node.tasks.spawn(async move {
