@@ -86,10 +86,7 @@ fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Refused> {
     };
     let value: Value = serde_json::from_slice(body).map_err(|e| {
         tracing::info!(error = %e, "api: request body is not JSON");
-        Refused::Http(
-            StatusCode::BAD_REQUEST,
-            format!("request body is not JSON: {e}"),
-        )
+        Refused::Http(StatusCode::BAD_REQUEST, "request body is not JSON".into())
     })?;
     serde_json::from_value(value).map_err(|e| {
         tracing::info!(error = %e, "api: request of the wrong shape");

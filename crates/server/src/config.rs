@@ -153,6 +153,12 @@ pub struct ClientConfig {
     pub max_channels: usize,
     /// Connections per node; further upgrades get HTTP 503.
     pub max_connections: usize,
+    /// New WebSocket connections (both endpoints) per second from one client address (IPv6:
+    /// one /64), sustained; beyond, upgrades get HTTP 429. 0: no limit, the default, since
+    /// behind a reverse proxy every client has the proxy's address.
+    pub connection_rate_per_ip: u32,
+    /// Connections one address may open at once, above `connection_rate_per_ip`.
+    pub connection_burst_per_ip: u32,
     /// Sustained commands per second per connection.
     pub command_rate: u32,
     /// Commands a connection may send in a burst above the rate.
@@ -173,6 +179,8 @@ impl Default for ClientConfig {
             max_frame_size: 64 * 1024,
             max_channels: 128,
             max_connections: 100_000,
+            connection_rate_per_ip: 0,
+            connection_burst_per_ip: 100,
             command_rate: 100,
             command_burst: 200,
             write_queue_max_bytes: 1024 * 1024,
@@ -614,6 +622,12 @@ impl Config {
         if self.client.max_frame_size < 64 {
             return Err(ConfigError(
                 "client.max_frame_size must be at least 64".into(),
+            ));
+        }
+        if self.client.connection_rate_per_ip > 0 && self.client.connection_burst_per_ip == 0 {
+            return Err(ConfigError(
+                "client.connection_burst_per_ip must be > 0 when connection_rate_per_ip is set"
+                    .into(),
             ));
         }
         if self.client.command_rate == 0 || self.client.command_burst == 0 {

@@ -291,6 +291,16 @@ fn token(args: TokenArgs) -> Result<(), String> {
         channels: args.channels,
         ..Default::default()
     };
+    // With `[token] audience`/`issuer` set the server requires them: mint tokens it accepts.
+    let mut claims = serde_json::to_value(&claims).map_err(|e| e.to_string())?;
+    for (claim, value) in [
+        ("aud", &config.token.audience),
+        ("iss", &config.token.issuer),
+    ] {
+        if !value.is_empty() {
+            claims[claim] = value.as_str().into();
+        }
+    }
     println!("{}", sign_hs256(&secret, &claims));
     Ok(())
 }

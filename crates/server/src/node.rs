@@ -120,6 +120,8 @@ pub struct Node {
     /// Records `last_seen` when a user's last connection closes (see [`crate::presence`]).
     pub last_seen: crate::presence::LastSeen,
     pub connections: AtomicUsize,
+    /// New WebSocket connections per client address (`client.connection_rate_per_ip`).
+    pub connection_rate: crate::ws::ConnectionRate,
     /// The allowed origins of every site, checked at WebSocket upgrade (reloaded from the
     /// store when a site is created or changed; never queried per upgrade).
     pub site_origins: crate::sites::SiteOrigins,
@@ -179,6 +181,10 @@ impl Node {
             shutdown.clone(),
         );
         let last_seen = crate::presence::LastSeen::start(store.clone(), &tasks, shutdown.clone());
+        let connection_rate = crate::ws::ConnectionRate::new(
+            config.client.connection_rate_per_ip,
+            config.client.connection_burst_per_ip,
+        );
         let node = Arc::new(Node {
             config,
             hub,
@@ -194,6 +200,7 @@ impl Node {
             users: DashMap::new(),
             last_seen,
             connections: AtomicUsize::new(0),
+            connection_rate,
             site_origins: crate::sites::SiteOrigins::default(),
             peers: crate::cluster::Peers::default(),
             rpc: RwLock::new(HashMap::new()),

@@ -604,6 +604,18 @@ impl Session {
             && (for_client || (for_subscriber && self.subs.contains_key(channel)))
     }
 
+    /// A channel owner's channels (chat rooms) are read only by those it lets subscribe: the
+    /// namespace options alone would let any client read a private room's history.
+    async fn owner_allows_read(&self, channel: &str) -> Result<(), ErrorCode> {
+        match self.node.owner(channel) {
+            Some(owner) => {
+                let user = self.user.as_deref().unwrap_or("");
+                owner.can_subscribe(user, channel).await
+            }
+            None => Ok(()),
+        }
+    }
+
     async fn presence(&mut self, id: u32, channel: &str) -> Outcome {
         let ns = self.namespace(channel).map_err(reply_err)?;
         if !ns.presence {
@@ -616,6 +628,7 @@ impl Session {
         ) {
             return Err(reply_err(codes::ERROR_PERMISSION_DENIED));
         }
+        self.owner_allows_read(channel).await.map_err(reply_err)?;
         let presence = self
             .node
             .hub
@@ -642,6 +655,7 @@ impl Session {
         ) {
             return Err(reply_err(codes::ERROR_PERMISSION_DENIED));
         }
+        self.owner_allows_read(channel).await.map_err(reply_err)?;
         let (num_clients, num_users) = self
             .node
             .hub
@@ -673,6 +687,7 @@ impl Session {
         ) {
             return Err(reply_err(codes::ERROR_PERMISSION_DENIED));
         }
+        self.owner_allows_read(channel).await.map_err(reply_err)?;
         let filter = history_filter(req.limit, req.since, req.reverse);
         match self.stream_history(channel, &filter).await {
             Ok(page) => {
