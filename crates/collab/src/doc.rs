@@ -113,11 +113,9 @@ pub(crate) struct State {
     out_awareness: HashMap<u64, (u32, Arc<str>)>,
     pub unpersisted: Vec<Vec<u8>>,
     pub unpersisted_bytes: usize,
-    /// Log entries and bytes stored since the last snapshot (for compaction).
+    /// Log entries and bytes stored (by this node) since the last snapshot, for compaction.
     pub log_entries: usize,
     pub log_bytes: usize,
-    /// The highest stored seq of this document's log.
-    pub last_seq: i64,
     pub compacting: bool,
     /// Since when no connection has had the document open.
     idle_since: Option<Instant>,
@@ -141,13 +139,7 @@ pub struct Document {
 }
 
 impl Document {
-    pub(crate) fn new(
-        id: i64,
-        doc: Doc,
-        log_entries: usize,
-        log_bytes: usize,
-        last_seq: i64,
-    ) -> Self {
+    pub(crate) fn new(id: i64, doc: Doc, log_entries: usize, log_bytes: usize) -> Self {
         Document {
             id,
             state: Mutex::new(State {
@@ -160,7 +152,6 @@ impl Document {
                 unpersisted_bytes: 0,
                 log_entries,
                 log_bytes,
-                last_seq,
                 compacting: false,
                 idle_since: Some(Instant::now()),
                 changed_since_version: false,

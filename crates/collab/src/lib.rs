@@ -356,11 +356,6 @@ impl Collab {
             .load_document(doc_id)
             .await?
             .ok_or(CollabError::NotFound)?;
-        let last_seq = content
-            .updates
-            .last()
-            .map(|u| u.seq)
-            .unwrap_or(content.snapshot_seq);
         let log_entries = content.updates.len();
         let log_bytes = content.updates.iter().map(|u| u.data.len()).sum();
         // Integrating a large log is CPU work: keep it off the async workers.
@@ -388,7 +383,7 @@ impl Collab {
         })
         .await
         .map_err(|e| CollabError::Internal(format!("loading panicked: {e}")))?;
-        let document = Arc::new(Document::new(doc_id, doc, log_entries, log_bytes, last_seq));
+        let document = Arc::new(Document::new(doc_id, doc, log_entries, log_bytes));
         self.inner.metrics.loaded.inc();
         self.inner
             .metrics
@@ -492,7 +487,7 @@ impl Collab {
             .await?
             .ok_or(CollabError::NotFound)?;
         let doc = version_doc(&state)?;
-        let tmp = Document::new(doc_id, doc, 0, 0, 0);
+        let tmp = Document::new(doc_id, doc, 0, 0);
         Ok((version, read_content(&tmp, format)))
     }
 
