@@ -13,8 +13,11 @@
 //! is compacted: its whole state is written as the snapshot and the log entries it covers
 //! are deleted, in one transaction (`Store::compact_document`), on a task of its own.
 //!
-//! Several nodes may append to one document's log (they share the store), so a compaction
-//! merges what is stored with what is in memory (see [`compact_one`]).
+//! Only local changes are written here: updates relayed from other nodes were stored by the
+//! node that accepted them. Several nodes therefore append to one document's log, and a
+//! compaction merges what is stored with what is in memory (see [`compact_one`]). Each node
+//! counts only its own appends towards `compact_updates`/`compact_bytes`, so with N nodes
+//! writing, a log may grow to about N times those before one of them compacts it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
