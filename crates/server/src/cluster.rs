@@ -247,3 +247,67 @@ mod tests {
         assert_eq!(live[0]["name"], "a");
     }
 }
+
+/// Topic of a document's relay messages.
+fn doc_topic(doc_id: i64) -> String {
+    format!("doc.{doc_id}")
+}
+
+/// The document id of a relay topic.
+pub fn doc_of_topic(topic: &str) -> Option<i64> {
+    topic.strip_prefix("doc.")?.parse().ok()
+}
+
+/// Relay messages waiting for the broker; past this `send` refuses (the document then asks
+/// its peers to sync, see `switchboard_collab::Relay`).
+pub const RELAY_QUEUE: usize = 4096;
+
+/// Carries document relays over the broker's topics: one bounded queue, drained in order by
+/// one task, so each node's messages of a document leave in the order they were made.
+pub struct BrokerRelay {
+    broker: Arc<dyn switchboard_hub::Broker>,
+    tx: tokio::sync::mpsc::Sender<(i64, Bytes)>,
+}
+
+impl BrokerRelay {
+    pub fn start(node: &Arc<Node>) -> Arc<BrokerRelay> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(i64, Bytes)>(RELAY_QUEUE);
+        let broker = node.hub.broker.clone();
+        let shutdown = node.shutdown.clone();
+        node.tasks.spawn(async move {
+            loop {
+                let (doc, payload) = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    m = rx.recv() => match m { Some(m) => m, None => break },
+                };
+                if let Err(e) = broker.publish_message(&doc_topic(doc), payload).await {
+                    tracing::warn!(doc, error = %e, "document relay not sent");
+                }
+            }
+        });
+        Arc::new(BrokerRelay {
+            broker: node.hub.broker.clone(),
+            tx,
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl switchboard_collab::Relay for BrokerRelay {
+    async fn subscribe(&self, doc_id: i64) -> Result<(), String> {
+        self.broker
+            .subscribe_topic(&doc_topic(doc_id))
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn unsubscribe(&self, doc_id: i64) {
+        if let Err(e) = self.broker.unsubscribe_topic(&doc_topic(doc_id)).await {
+            tracing::warn!(doc = doc_id, error = %e, "document relay unsubscribe failed");
+        }
+    }
+
+    fn send(&self, doc_id: i64, payload: Bytes) -> bool {
+        self.tx.try_send((doc_id, payload)).is_ok()
+    }
+}

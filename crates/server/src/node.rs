@@ -327,6 +327,8 @@ impl switchboard_hub::MessageHandler for Node {
     fn handle_message(&self, topic: &str, payload: bytes::Bytes) {
         if topic == crate::cluster::CONTROL_TOPIC {
             crate::cluster::handle(self, &payload);
+        } else if let Some(doc) = crate::cluster::doc_of_topic(topic) {
+            self.collab.handle_relay(doc, payload);
         } else {
             tracing::debug!(topic, "message on an unknown topic dropped");
         }

@@ -333,6 +333,11 @@ impl Server {
         };
         let node = Node::new(config, &secrets, store, engine, shutdown)?;
         crate::cluster::start(&node).await?;
+        if node.hub.broker.name() != "memory" {
+            // Documents loaded on several nodes keep each other up to date.
+            node.collab
+                .set_relay(crate::cluster::BrokerRelay::start(&node));
+        }
         node.site_origins
             .reload(&*node.store)
             .await

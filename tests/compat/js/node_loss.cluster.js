@@ -37,10 +37,14 @@ async function victimClients() {
 
 const FAST = { minReconnectDelay: 100, maxReconnectDelay: 1000 };
 
-test('clients of a killed node move through nginx, recover, and miss no chat message', async () => {
+test('clients of a killed node move through nginx, recover, and miss no chat message', async (t) => {
   assert.ok(CHANNEL && USERS.length >= 4 && VICTIM_PID, 'cluster environment is set');
 
   const subs = [];
+  // Pass or fail, no client may keep the process alive by reconnecting.
+  t.after(() => {
+    for (const r of subs) r.c.disconnect();
+  });
   for (const user of USERS.slice(1)) {
     const c = client({ token: mint(String(user)), ...FAST });
     const s = c.newSubscription(CHANNEL);
@@ -62,6 +66,7 @@ test('clients of a killed node move through nginx, recover, and miss no chat mes
 
   // The sender retries each message with the same client_msg_id until it is acknowledged.
   const sender = client({ token: mint(String(USERS[0])), ...FAST });
+  t.after(() => sender.disconnect());
   sender.connect();
   await sender.ready(5000);
   const acked = [];
@@ -118,7 +123,4 @@ test('clients of a killed node move through nginx, recover, and miss no chat mes
     }
   }
   console.log(`acknowledged ${last}; ${moved().length} subscriber(s) moved off the killed node and recovered`);
-
-  sender.disconnect();
-  for (const r of subs) r.c.disconnect();
 });
