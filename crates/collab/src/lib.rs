@@ -33,6 +33,8 @@
 
 pub mod codec;
 mod doc;
+#[doc(hidden)]
+pub mod fuzzing;
 mod persist;
 mod session;
 
