@@ -8,6 +8,7 @@
 //! - `doc`: one loaded [`Document`]: the yrs doc, its connections, awareness, the outboxes.
 //! - `session`: [`DocConnection`], one client's session (permissions, awareness limits).
 //! - `persist`: the node's persistence worker (group commit, compaction).
+//! - `fuzzing` (hidden): a store-less document session for the fuzz targets in `fuzz/`.
 //! - here: [`Collab`], the registry (load once, unload when idle), each document's task
 //!   (fan-out ticks, automatic versions, unloading), and the operations REST needs.
 //!
