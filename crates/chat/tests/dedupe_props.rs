@@ -93,6 +93,9 @@ fn step() -> impl Strategy<Value = Step> {
     ]
 }
 
+/// A send's result: (message id, room id, offset).
+type Stored = (i64, i64, i64);
+
 /// A stored message as the model knows it.
 #[derive(Debug, Clone)]
 struct Known {
@@ -253,7 +256,7 @@ async fn check(steps: Vec<Step>, postgres: bool) -> Result<(), TestCaseError> {
             outcomes.push(h.await.expect("an op task panicked"));
         }
         // Duplicates whose original was sent in this same step: (user, key) -> returned.
-        let mut twins: Vec<((usize, u8), (i64, i64, i64))> = Vec::new();
+        let mut twins: Vec<((usize, u8), Stored)> = Vec::new();
         for (op, outcome) in ops.iter().zip(outcomes) {
             match (op, outcome) {
                 (Op::Send { user, room, key }, Outcome::Sent(result)) => {
