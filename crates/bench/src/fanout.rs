@@ -71,6 +71,10 @@ pub struct FanoutArgs {
     /// with 3008 while the others keep their latency; they are not counted in deliveries.
     #[arg(long, default_value_t = 0)]
     pub stalled: usize,
+    /// Publish through another node (its WebSocket URL), so that every delivery crosses the
+    /// broker between nodes. Default: the subscribers' node (`--url`).
+    #[arg(long)]
+    pub publish_url: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -196,7 +200,11 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
     }
 
     // Publisher: its own connection. The user number follows the subscribers' numbers.
-    let publisher_dialer = Dialer::new(&args.target, READ_BUFFER)
+    let mut publisher_target = args.target.clone();
+    if let Some(url) = &args.publish_url {
+        publisher_target.url.clone_from(url);
+    }
+    let publisher_dialer = Dialer::new(&publisher_target, READ_BUFFER)
         .await?
         .with_write_buffer(PUBLISHER_WRITE_BUFFER);
     let publisher_ws = publisher_dialer.open(args.subs).await?;

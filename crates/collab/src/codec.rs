@@ -10,9 +10,20 @@
 //! | 2 auth | varuint 0 (permission denied) + varstring reason |
 //! | 3 query awareness | empty |
 //!
+//! Between nodes (see `relay`) the envelope is this crate's own: 1 byte format version (1),
+//! the origin node id (u64, little-endian), 1 byte kind, then the body:
+//!
+//! | kind | body |
+//! |---|---|
+//! | 0 update | a Yjs update (v1) |
+//! | 1 awareness | an awareness update, as in the awareness message |
+//! | 2 sync request | the sender's state vector (v1): "send me what I lack" |
+//! | 3 sync reply | the target node id (u64, little-endian), varbytes update (v1), then optionally the replier's state vector (v1) |
+//!
 //! Decoding never trusts lengths: a body larger than the limit is refused before it is
 //! parsed, and every parse of client bytes is guarded so that a malformed update cannot take
-//! the connection task (or a document's lock) down with it.
+//! the connection task (or a document's lock) down with it. Relay payloads get the same
+//! guarded parsing.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -264,6 +275,15 @@ pub fn sync_update(update: &[u8]) -> Vec<u8> {
 /// message every client applies as a no-op, which keeps y-websocket's 30 s silence watchdog
 /// from reconnecting.
 pub fn awareness<'a>(entries: impl ExactSizeIterator<Item = (u64, u32, &'a str)>) -> Vec<u8> {
+    let body = awareness_update(entries);
+    let mut out = Vec::with_capacity(body.len() + 4);
+    out.write_var(MSG_AWARENESS);
+    out.write_buf(&body);
+    out
+}
+
+/// The body of an awareness message (the y-protocols awareness update encoding).
+fn awareness_update<'a>(entries: impl ExactSizeIterator<Item = (u64, u32, &'a str)>) -> Vec<u8> {
     let mut body = Vec::new();
     body.write_var(entries.len() as u64);
     for (client, clock, json) in entries {
@@ -271,10 +291,7 @@ pub fn awareness<'a>(entries: impl ExactSizeIterator<Item = (u64, u32, &'a str)>
         body.write_var(clock);
         body.write_string(json);
     }
-    let mut out = Vec::with_capacity(body.len() + 4);
-    out.write_var(MSG_AWARENESS);
-    out.write_buf(&body);
-    out
+    body
 }
 
 /// The auth message "permission denied" with a reason (y-protocols/auth).
@@ -284,6 +301,145 @@ pub fn permission_denied(reason: &str) -> Vec<u8> {
     out.write_var(AUTH_PERMISSION_DENIED);
     out.write_string(reason);
     out
+}
+
+// ----- the relay envelope (node to node) -----
+
+/// The envelope's format version: a node drops (as malformed) what a newer format sends.
+const RELAY_VERSION: u8 = 1;
+const RELAY_UPDATE: u8 = 0;
+const RELAY_AWARENESS: u8 = 1;
+const RELAY_SYNC_REQUEST: u8 = 2;
+const RELAY_SYNC_REPLY: u8 = 3;
+/// Version, origin, kind.
+const RELAY_HEADER: usize = 1 + 8 + 1;
+
+/// One decoded relay message (see [`crate::Relay`]): the node that sent it and what it says.
+#[derive(Debug)]
+pub(crate) struct RelayMessage {
+    pub origin: u64,
+    pub body: RelayBody,
+}
+
+#[derive(Debug)]
+pub(crate) enum RelayBody {
+    /// Changes accepted on the origin node (its clients' or server-side edits).
+    Update(Update),
+    /// Awareness changes of the origin node's connections.
+    Awareness(AwarenessUpdate),
+    /// "Here is my state vector: send me what I lack."
+    SyncRequest(StateVector),
+    /// The answer to a sync request, for one node only (see [`relay_route`]): what it
+    /// lacked; and, when the replier wants the same in return, the replier's own state
+    /// vector.
+    SyncReply {
+        update: Update,
+        state_vector: Option<StateVector>,
+    },
+}
+
+fn relay_header(origin: u64, kind: u8, capacity: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(RELAY_HEADER + capacity);
+    out.push(RELAY_VERSION);
+    out.extend_from_slice(&origin.to_le_bytes());
+    out.push(kind);
+    out
+}
+
+/// A relayed update (encoded v1).
+pub(crate) fn relay_update(origin: u64, update: &[u8]) -> Vec<u8> {
+    let mut out = relay_header(origin, RELAY_UPDATE, update.len());
+    out.extend_from_slice(update);
+    out
+}
+
+/// Relayed awareness changes, `(client id, clock, JSON state)` as in [`awareness`].
+pub(crate) fn relay_awareness<'a>(
+    origin: u64,
+    entries: impl ExactSizeIterator<Item = (u64, u32, &'a str)>,
+) -> Vec<u8> {
+    let body = awareness_update(entries);
+    let mut out = relay_header(origin, RELAY_AWARENESS, body.len());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// A sync request with the sender's state vector (encoded v1).
+pub(crate) fn relay_sync_request(origin: u64, state_vector: &[u8]) -> Vec<u8> {
+    let mut out = relay_header(origin, RELAY_SYNC_REQUEST, state_vector.len());
+    out.extend_from_slice(state_vector);
+    out
+}
+
+/// A sync reply to node `to`: `update` (v1), and optionally the replier's state vector (v1).
+pub(crate) fn relay_sync_reply(
+    origin: u64,
+    to: u64,
+    update: &[u8],
+    state_vector: Option<&[u8]>,
+) -> Vec<u8> {
+    let sv = state_vector.unwrap_or_default();
+    let mut out = relay_header(origin, RELAY_SYNC_REPLY, 8 + 5 + update.len() + sv.len());
+    out.extend_from_slice(&to.to_le_bytes());
+    out.write_buf(update);
+    out.extend_from_slice(sv);
+    out
+}
+
+/// Where a relay payload comes from, and for a sync reply the node it is for; read without
+/// decoding the body, so a node skips its own messages and other nodes' replies cheaply.
+pub(crate) fn relay_route(payload: &[u8]) -> Option<(u64, Option<u64>)> {
+    if payload.len() < RELAY_HEADER || payload[0] != RELAY_VERSION {
+        return None;
+    }
+    let origin = u64::from_le_bytes(payload[1..9].try_into().ok()?);
+    let to = match payload[9] {
+        RELAY_SYNC_REPLY => Some(u64::from_le_bytes(
+            payload
+                .get(RELAY_HEADER..RELAY_HEADER + 8)?
+                .try_into()
+                .ok()?,
+        )),
+        _ => None,
+    };
+    Some((origin, to))
+}
+
+/// Decodes a relay payload from another node, as defensively as a client frame: a payload
+/// that does not parse is refused, never a panic. Peers are trusted not to be hostile, but a
+/// bug, a newer format or a corrupted message must not take the broker's reader down.
+pub(crate) fn decode_relay(payload: &[u8]) -> Result<RelayMessage, Refused> {
+    if payload.len() < RELAY_HEADER || payload[0] != RELAY_VERSION {
+        return Err(Refused::Malformed);
+    }
+    let (origin, _) = relay_route(payload).ok_or(Refused::Malformed)?;
+    let body = &payload[RELAY_HEADER..];
+    let body = match payload[9] {
+        RELAY_UPDATE => RelayBody::Update(guarded(|| Update::decode_v1(body).ok())?),
+        RELAY_AWARENESS => RelayBody::Awareness(guarded(|| AwarenessUpdate::decode_v1(body).ok())?),
+        RELAY_SYNC_REQUEST => {
+            RelayBody::SyncRequest(guarded(|| StateVector::decode_v1(body).ok())?)
+        }
+        RELAY_SYNC_REPLY => {
+            let mut c = Cursor::new(body);
+            // The target, already read by `relay_route`.
+            c.read_exact(8).map_err(|_| Refused::Malformed)?;
+            let update = c.read_buf().map_err(|_| Refused::Malformed)?;
+            let update = guarded(|| Update::decode_v1(update).ok())?;
+            let rest = &body[c.next..];
+            let state_vector = if rest.is_empty() {
+                None
+            } else {
+                Some(guarded(|| StateVector::decode_v1(rest).ok())?)
+            };
+            RelayBody::SyncReply {
+                update,
+                state_vector,
+            }
+        }
+        _ => return Err(Refused::Malformed),
+    };
+    Ok(RelayMessage { origin, body })
 }
 
 #[cfg(test)]
@@ -411,5 +567,76 @@ mod tests {
 
     fn awareness_msg_for_test() -> Vec<u8> {
         awareness([(1u64, 1u32, "{}"), (2, 1, "null")].into_iter())
+    }
+
+    #[test]
+    fn relay_envelopes_round_trip() {
+        let u = edit();
+        assert_eq!(relay_route(&relay_update(42, &u)), Some((42, None)));
+        let m = decode_relay(&relay_update(42, &u)).unwrap();
+        assert_eq!(m.origin, 42);
+        let RelayBody::Update(update) = m.body else {
+            panic!("not an update")
+        };
+        assert_eq!(
+            update.encode_v1(),
+            Update::decode_v1(&u).unwrap().encode_v1()
+        );
+
+        let m = decode_relay(&relay_awareness(u64::MAX, [(7u64, 3u32, "{}")].into_iter())).unwrap();
+        assert_eq!(m.origin, u64::MAX);
+        let RelayBody::Awareness(a) = m.body else {
+            panic!("not awareness")
+        };
+        assert_eq!(a.clients.len(), 1);
+
+        let sv = StateVector::default().encode_v1();
+        let m = decode_relay(&relay_sync_request(1, &sv)).unwrap();
+        assert!(matches!(m.body, RelayBody::SyncRequest(s) if s == StateVector::default()));
+
+        for with_sv in [None, Some(sv.as_slice())] {
+            let payload = relay_sync_reply(1, 9, &u, with_sv);
+            assert_eq!(relay_route(&payload), Some((1, Some(9))));
+            let m = decode_relay(&payload).unwrap();
+            let RelayBody::SyncReply { state_vector, .. } = m.body else {
+                panic!("not a reply")
+            };
+            assert_eq!(state_vector.is_some(), with_sv.is_some());
+        }
+    }
+
+    #[test]
+    fn refuses_bad_relay_payloads() {
+        let doc = Doc::new();
+        doc.transact_mut()
+            .apply_update(Update::decode_v1(&edit()).unwrap())
+            .unwrap();
+        let sv = doc.transact().state_vector().encode_v1();
+        let good = relay_sync_reply(1, 2, &edit(), Some(&sv));
+        let mut bad: Vec<Vec<u8>> = vec![
+            vec![],
+            vec![1],
+            vec![1, 0, 0, 0, 0, 0, 0, 0, 0],          // no kind
+            vec![2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], // another version
+            vec![1, 0, 0, 0, 0, 0, 0, 0, 0, 9],       // unknown kind
+            vec![1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff], // garbage update
+            vec![
+                1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 6, 0xff, 0xff, 0xff, 0xff, 0x0f,
+            ], // huge count
+            vec![1, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0x80], // truncated state vector
+            vec![1, 0, 0, 0, 0, 0, 0, 0, 0, 3, 2, 0, 0], // reply with a short target
+        ];
+        // Every truncation of a good reply (but the one that leaves out its whole state
+        // vector, a valid reply without one).
+        let without_sv = good.len() - sv.len();
+        bad.extend(
+            (0..good.len())
+                .filter(|&n| n != without_sv)
+                .map(|n| good[..n].to_vec()),
+        );
+        for payload in bad {
+            assert!(decode_relay(&payload).is_err(), "{payload:?}");
+        }
+        assert!(decode_relay(&good).is_ok());
     }
 }

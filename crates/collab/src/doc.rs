@@ -17,6 +17,16 @@
 //!
 //! **Persistence.** The same effective update goes into the persistence outbox, which the
 //! node's persistence worker drains every `persist_interval` (see `persist.rs`).
+//!
+//! **Other nodes** (with a relay, see `relay.rs`). The fan-out also hands the tick's merged
+//! *local* changes (and local awareness changes) to the relay. Updates from other nodes are
+//! applied the same way but go to the fan-out outbox only: this node neither stores nor
+//! relays them, and they do not count as a change for automatic versions. One exception
+//! keeps "whoever accepted it stores it" true: while a local update waits in yrs for missing
+//! predecessors, whatever integrates next is treated as local (stored and relayed again,
+//! harmless since updates are idempotent), because it may carry that local update. Awareness
+//! states from other nodes are kept without an owning connection and expire when not
+//! renewed.
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -29,9 +39,10 @@ use tokio::sync::Notify;
 use yrs::sync::awareness::AwarenessUpdate;
 use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
-use yrs::{Doc, ReadTxn, StateVector, Transact, Update};
+use yrs::{Doc, IdSet, ReadTxn, StateVector, Transact, Update};
 
 use crate::codec::{self, CloseCode};
+use crate::relay::Peers;
 
 /// How much the fan-out tick grows per open connection (see [`Document::tick`]). A write to
 /// a loopback socket costs ~10 µs here, so at 20 µs per connection at most about half of the
@@ -83,15 +94,38 @@ pub(crate) struct ConnEntry {
 struct Aware {
     clock: u32,
     json: Arc<str>,
-    /// The connection that introduced this client id (the one whose close removes it).
-    conn: u64,
+    owner: Owner,
 }
+
+/// Who an awareness state belongs to.
+#[derive(Clone, Copy, PartialEq)]
+enum Owner {
+    /// The local connection that introduced this client id (the one whose close removes it).
+    Conn(u64),
+    /// Another node's connection: removed when that node says so or when not renewed.
+    Remote(Instant),
+}
+
+/// Awareness states of a document, at most (remote ones beyond it are ignored; local ones
+/// are bounded per connection already).
+const MAX_AWARENESS_STATES: usize = 4096;
 
 /// What an update did to the document.
 pub(crate) enum Applied {
     /// New content: it was queued for fan-out and persistence.
     Changed,
     /// Nothing new (already known, or waiting for missing predecessors).
+    Unchanged,
+}
+
+/// What an update from another node did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Remote {
+    /// New content, queued for fan-out.
+    Changed,
+    /// New content that may carry a local update (see the module docs): queued for fan-out,
+    /// the relay and persistence, like a local change.
+    Local,
     Unchanged,
 }
 
@@ -109,15 +143,16 @@ pub(crate) struct State {
     /// Copy-on-write, so a fan-out clones one `Arc` under the lock and writes without it.
     conns: Arc<Vec<ConnEntry>>,
     awareness: HashMap<u64, Aware>,
+    /// Fan-out outbox: local changes (also relayed) and changes from other nodes.
     out_updates: Vec<Vec<u8>>,
-    out_awareness: HashMap<u64, (u32, Arc<str>)>,
+    out_remote: Vec<Vec<u8>>,
+    /// Awareness changes to fan out: (clock, state, local: relay it too).
+    out_awareness: HashMap<u64, (u32, Arc<str>, bool)>,
     pub unpersisted: Vec<Vec<u8>>,
     pub unpersisted_bytes: usize,
-    /// Log entries and bytes stored since the last snapshot (for compaction).
+    /// Log entries and bytes stored (by this node) since the last snapshot, for compaction.
     pub log_entries: usize,
     pub log_bytes: usize,
-    /// The highest stored seq of this document's log.
-    pub last_seq: i64,
     pub compacting: bool,
     /// Since when no connection has had the document open.
     idle_since: Option<Instant>,
@@ -129,6 +164,13 @@ pub(crate) struct State {
     /// every connection receives the merged updates in the same order).
     last_fan_out: Instant,
     fanning: bool,
+    /// Peers should be asked for what this node lacks (a relay send failed, or an update
+    /// waits for missing predecessors); the document's task sends the sync request.
+    want_sync: bool,
+    /// A local update waits for missing predecessors (see the module docs).
+    local_pending: bool,
+    /// Updates crossed nodes since the last periodic resync.
+    relay_activity: bool,
 }
 
 pub struct Document {
@@ -138,6 +180,8 @@ pub struct Document {
     pub(crate) wake: Notify,
     /// Where the next fan-out starts in the connection list.
     rotation: AtomicUsize,
+    /// The node's relay, when documents span nodes.
+    peers: Option<Arc<Peers>>,
 }
 
 impl Document {
@@ -146,7 +190,7 @@ impl Document {
         doc: Doc,
         log_entries: usize,
         log_bytes: usize,
-        last_seq: i64,
+        peers: Option<Arc<Peers>>,
     ) -> Self {
         Document {
             id,
@@ -155,21 +199,25 @@ impl Document {
                 conns: Arc::new(Vec::new()),
                 awareness: HashMap::new(),
                 out_updates: Vec::new(),
+                out_remote: Vec::new(),
                 out_awareness: HashMap::new(),
                 unpersisted: Vec::new(),
                 unpersisted_bytes: 0,
                 log_entries,
                 log_bytes,
-                last_seq,
                 compacting: false,
                 idle_since: Some(Instant::now()),
                 changed_since_version: false,
                 closed: false,
                 last_fan_out: Instant::now(),
                 fanning: false,
+                want_sync: false,
+                local_pending: false,
+                relay_activity: false,
             }),
             wake: Notify::new(),
             rotation: AtomicUsize::new(0),
+            peers,
         }
     }
 
@@ -209,13 +257,13 @@ impl Document {
         let gone: Vec<u64> = st
             .awareness
             .iter()
-            .filter(|(_, a)| a.conn == conn)
+            .filter(|(_, a)| a.owner == Owner::Conn(conn))
             .map(|(id, _)| *id)
             .collect();
         for id in &gone {
             if let Some(a) = st.awareness.remove(id) {
                 st.out_awareness
-                    .insert(*id, (a.clock + 1, Arc::from("null")));
+                    .insert(*id, (a.clock + 1, Arc::from("null"), true));
             }
         }
         if st.conns.is_empty() {
@@ -234,23 +282,86 @@ impl Document {
         Outgoing::new(codec::sync_step2(&update))
     }
 
-    /// Applies an update and queues its effective part for fan-out and persistence.
-    ///
-    /// A panic inside the CRDT library while integrating leaves the document in an unknown
-    /// state: the document is then closed (its connections get a transient close, reconnect
-    /// and re-sync into a freshly loaded copy) rather than served half-applied.
+    /// Applies an update and queues its effective part for fan-out (and the relay) and
+    /// persistence.
     pub(crate) fn apply(&self, update: Update) -> Result<Applied, ApplyError> {
         let mut st = self.lock();
         if st.closed {
             return Err(ApplyError::Closed);
         }
+        let (effective, missing, parked) = self.integrate(&mut st, update)?;
+        st.local_pending = (st.local_pending && missing) || parked;
+        if parked && self.peers.is_some() && !st.want_sync {
+            // The client knows content this node lacks (it came from another node, say
+            // before a reconnect): ask the peers for it.
+            st.want_sync = true;
+            self.wake.notify_one();
+        }
+        if effective == Update::EMPTY_V1 {
+            return Ok(Applied::Unchanged);
+        }
+        self.queue(&mut st, effective);
+        Ok(Applied::Changed)
+    }
+
+    /// Applies an update another node accepted: queued for fan-out only (see the module
+    /// docs for the one exception, which is then reported as [`Remote::Local`]).
+    pub(crate) fn apply_remote(&self, update: Update) -> Result<Remote, ApplyError> {
+        let mut st = self.lock();
+        if st.closed {
+            return Err(ApplyError::Closed);
+        }
+        let (effective, missing, parked) = self.integrate(&mut st, update)?;
+        let was_local_pending = st.local_pending;
+        st.local_pending &= missing;
+        // Only when this update is what waits: a gap that a sync could not fill (nobody
+        // has the predecessors) must not make every later update ask again.
+        let ask = parked && !st.want_sync;
+        st.want_sync |= parked;
+        let outcome = if effective == Update::EMPTY_V1 {
+            Remote::Unchanged
+        } else if was_local_pending {
+            self.queue(&mut st, effective);
+            Remote::Local
+        } else {
+            st.out_remote.push(effective);
+            st.relay_activity = true;
+            Remote::Changed
+        };
+        drop(st);
+        if ask {
+            // Predecessors are missing: a message was lost or is late. Ask the peers.
+            self.wake.notify_one();
+        }
+        Ok(outcome)
+    }
+
+    /// Integrates an update: its effective part, whether parts of the document now wait
+    /// for missing predecessors, and whether parts of this update joined them.
+    ///
+    /// A panic inside the CRDT library while integrating leaves the document in an unknown
+    /// state: the document is then closed (its connections get a transient close, reconnect
+    /// and re-sync into a freshly loaded copy) rather than served half-applied.
+    fn integrate(
+        &self,
+        st: &mut State,
+        update: Update,
+    ) -> Result<(Vec<u8>, bool, bool), ApplyError> {
         let result = catch_unwind(AssertUnwindSafe(|| {
             let mut txn = st.doc.transact_mut();
-            txn.apply_update(update).map(|()| txn.encode_update_v1())
+            let before = txn.has_missing_updates().then(|| parked(&txn));
+            txn.apply_update(update)?;
+            let missing = txn.has_missing_updates();
+            let joined = missing && {
+                let (ins, del) = parked(&txn);
+                let (ins0, del0) = before.unwrap_or_default();
+                !ins.diff(&ins0).is_empty() || !del.diff(&del0).is_empty()
+            };
+            Ok::<_, yrs::error::UpdateError>((txn.encode_update_v1(), missing, joined))
         }));
-        let effective = match result {
-            Ok(Ok(bytes)) => bytes,
-            Ok(Err(_)) => return Err(ApplyError::Invalid),
+        match result {
+            Ok(Ok(applied)) => Ok(applied),
+            Ok(Err(_)) => Err(ApplyError::Invalid),
             Err(_) => {
                 tracing::error!(
                     doc = self.id,
@@ -260,14 +371,9 @@ impl Document {
                 for c in st.conns.iter() {
                     c.sink.close(codec::CLOSE_UNAVAILABLE);
                 }
-                return Err(ApplyError::Invalid);
+                Err(ApplyError::Invalid)
             }
-        };
-        if effective == Update::EMPTY_V1 {
-            return Ok(Applied::Unchanged);
         }
-        self.queue(&mut st, effective);
-        Ok(Applied::Changed)
     }
 
     /// Runs a local change (a server-side edit) of the text named `text` and queues it like a
@@ -357,11 +463,11 @@ impl Document {
                     Aware {
                         clock: entry.clock,
                         json: entry.json.clone(),
-                        conn,
+                        owner: Owner::Conn(conn),
                     },
                 );
             }
-            st.out_awareness.insert(id, (entry.clock, entry.json));
+            st.out_awareness.insert(id, (entry.clock, entry.json, true));
             changed = true;
         }
         drop(st);
@@ -369,6 +475,72 @@ impl Document {
             self.wake.notify_one();
         }
         Ok(())
+    }
+
+    /// Applies awareness changes another node relayed (same rules as a client's, without an
+    /// owning connection). States over `max_state_bytes` are ignored.
+    pub(crate) fn awareness_remote(&self, update: AwarenessUpdate, max_state_bytes: usize) {
+        let mut st = self.lock();
+        if st.closed {
+            return;
+        }
+        let now = Instant::now();
+        let mut changed = false;
+        for (client, entry) in update.clients {
+            let id = client.get();
+            if entry.json.len() > max_state_bytes {
+                continue;
+            }
+            let removal = &*entry.json == "null";
+            if let Some(cur) = st.awareness.get(&id) {
+                if cur.clock > entry.clock || (cur.clock == entry.clock && !removal) {
+                    continue;
+                }
+            } else if removal || st.awareness.len() >= MAX_AWARENESS_STATES {
+                continue;
+            }
+            if removal {
+                st.awareness.remove(&id);
+            } else {
+                st.awareness.insert(
+                    id,
+                    Aware {
+                        clock: entry.clock,
+                        json: entry.json.clone(),
+                        owner: Owner::Remote(now),
+                    },
+                );
+            }
+            st.out_awareness
+                .insert(id, (entry.clock, entry.json, false));
+            changed = true;
+        }
+        drop(st);
+        if changed {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Removes other nodes' awareness states not renewed for `timeout` (their node may
+    /// have crashed without relaying the removals); local connections are told at the next
+    /// tick.
+    pub(crate) fn expire_remote_awareness(&self, timeout: Duration) {
+        let mut st = self.lock();
+        let expired: Vec<(u64, u32)> = st
+            .awareness
+            .iter()
+            .filter(|(_, a)| matches!(a.owner, Owner::Remote(at) if at.elapsed() >= timeout))
+            .map(|(id, a)| (*id, a.clock))
+            .collect();
+        for (id, clock) in &expired {
+            st.awareness.remove(id);
+            st.out_awareness
+                .insert(*id, (clock + 1, Arc::from("null"), false));
+        }
+        drop(st);
+        if !expired.is_empty() {
+            self.wake.notify_one();
+        }
     }
 
     /// Every awareness state, for a client's query-awareness message.
@@ -390,34 +562,55 @@ impl Document {
     }
 
     /// Sends what the outboxes hold: all updates since the last fan-out merged into one, and
-    /// the awareness changes in one message, each encoded once for every connection.
+    /// the awareness changes in one message, each encoded once for every connection. The
+    /// local part of both also goes to the relay, the same merged update when nothing came
+    /// from other nodes in this tick.
     pub(crate) fn fan_out(&self) -> usize {
-        let (conns, updates, aware) = {
+        let (conns, local, remote, aware) = {
             let mut st = self.lock();
-            if st.fanning || (st.out_updates.is_empty() && st.out_awareness.is_empty()) {
+            if st.fanning
+                || (st.out_updates.is_empty()
+                    && st.out_remote.is_empty()
+                    && st.out_awareness.is_empty())
+            {
                 return 0;
             }
             st.fanning = true;
             (
                 st.conns.clone(),
                 std::mem::take(&mut st.out_updates),
+                std::mem::take(&mut st.out_remote),
                 std::mem::take(&mut st.out_awareness),
             )
         };
-        let mut msgs = Vec::with_capacity(2);
-        if !updates.is_empty() {
-            match merge(updates) {
-                Ok(update) => msgs.push(Outgoing::new(codec::sync_update(&update))),
-                Err(parts) => {
-                    msgs.extend(parts.iter().map(|u| Outgoing::new(codec::sync_update(u))))
+        // Ok: one merged update; Err: parts that would not merge, sent one by one.
+        let local = (!local.is_empty()).then(|| merge(local));
+        let relayed = self.relay_out(local.as_ref(), &aware);
+        let updates = match (local, remote.is_empty()) {
+            (local, true) => local,
+            (local, false) => {
+                let mut all = remote;
+                match local {
+                    Some(Ok(u)) => all.push(u),
+                    Some(Err(parts)) => all.extend(parts),
+                    None => {}
                 }
+                Some(merge(all))
             }
+        };
+        let mut msgs = Vec::with_capacity(2);
+        match &updates {
+            Some(Ok(update)) => msgs.push(Outgoing::new(codec::sync_update(update))),
+            Some(Err(parts)) => {
+                msgs.extend(parts.iter().map(|u| Outgoing::new(codec::sync_update(u))))
+            }
+            None => {}
         }
         if !aware.is_empty() {
             msgs.push(Outgoing::new(codec::awareness(
                 aware
                     .iter()
-                    .map(|(id, (clock, json))| (*id, *clock, &**json))
+                    .map(|(id, (clock, json, _))| (*id, *clock, &**json))
                     .collect::<Vec<_>>()
                     .into_iter(),
             )));
@@ -435,13 +628,138 @@ impl Document {
             let mut st = self.lock();
             st.fanning = false;
             st.last_fan_out = Instant::now();
-            !st.out_updates.is_empty() || !st.out_awareness.is_empty()
+            if !relayed {
+                // Peers miss something: the document's task asks them to sync.
+                st.want_sync = true;
+            }
+            !st.out_updates.is_empty()
+                || !st.out_remote.is_empty()
+                || !st.out_awareness.is_empty()
+                || !relayed
         };
         if more {
             // Changes that arrived meanwhile go out at the next tick.
             self.wake.notify_one();
         }
         conns.len() * msgs.len()
+    }
+
+    /// Hands a tick's local changes to the relay. False if the relay dropped any of them.
+    fn relay_out(
+        &self,
+        local: Option<&Result<Vec<u8>, Vec<Vec<u8>>>>,
+        aware: &HashMap<u64, (u32, Arc<str>, bool)>,
+    ) -> bool {
+        let Some(peers) = &self.peers else {
+            return true;
+        };
+        let mut ok = true;
+        match local {
+            Some(Ok(update)) => ok &= peers.send(self.id, codec::relay_update(peers.node, update)),
+            Some(Err(parts)) => {
+                for update in parts {
+                    ok &= peers.send(self.id, codec::relay_update(peers.node, update));
+                }
+            }
+            None => {}
+        }
+        if local.is_some() {
+            self.lock().relay_activity = true;
+        }
+        let mine: Vec<(u64, u32, &str)> = aware
+            .iter()
+            .filter(|(_, (_, _, local))| *local)
+            .map(|(id, (clock, json, _))| (*id, *clock, &**json))
+            .collect();
+        if !mine.is_empty() {
+            ok &= peers.send(
+                self.id,
+                codec::relay_awareness(peers.node, mine.into_iter()),
+            );
+        }
+        ok
+    }
+
+    /// Whether the document should ask its peers to sync.
+    pub(crate) fn wants_sync(&self) -> bool {
+        self.lock().want_sync
+    }
+
+    /// Asks for a sync request at the task's next chance.
+    pub(crate) fn ask_sync(&self) {
+        self.lock().want_sync = true;
+        self.wake.notify_one();
+    }
+
+    /// Whether updates crossed nodes since the last call.
+    pub(crate) fn take_relay_activity(&self) -> bool {
+        std::mem::take(&mut self.lock().relay_activity)
+    }
+
+    /// Sends a sync request with the document's state vector ("send me what I lack"), and
+    /// this node's awareness states (in case some were dropped too). If the relay drops
+    /// either, the document asks again later.
+    pub(crate) fn send_sync_request(&self) {
+        let Some(peers) = &self.peers else {
+            return;
+        };
+        let sv = {
+            let mut st = self.lock();
+            st.want_sync = false;
+            let sv = st.doc.transact().state_vector().encode_v1();
+            sv
+        };
+        let sent = peers.send(self.id, codec::relay_sync_request(peers.node, &sv));
+        if !(sent && self.send_local_awareness()) {
+            self.lock().want_sync = true;
+        }
+    }
+
+    /// Answers node `to`, whose state vector is `sv`, with what it lacks. A reply to a
+    /// request also carries this node's state vector (so the requester sends back what this
+    /// node lacks); a reply to a reply does not, and is not sent when it would be empty.
+    pub(crate) fn send_sync_reply(&self, to: u64, sv: &StateVector, to_request: bool) {
+        let Some(peers) = &self.peers else {
+            return;
+        };
+        let (diff, own) = {
+            let st = self.lock();
+            if st.closed {
+                return;
+            }
+            let txn = st.doc.transact();
+            let own = to_request.then(|| txn.state_vector().encode_v1());
+            (txn.encode_state_as_update_v1(sv), own)
+        };
+        if !to_request && diff == Update::EMPTY_V1 {
+            return;
+        }
+        let payload = codec::relay_sync_reply(peers.node, to, &diff, own.as_deref());
+        if !peers.send(self.id, payload) {
+            self.ask_sync();
+        }
+    }
+
+    /// Relays the awareness states of this node's connections (so a node that just loaded
+    /// the document shows their cursors before their next renewal). False if dropped.
+    pub(crate) fn send_local_awareness(&self) -> bool {
+        let Some(peers) = &self.peers else {
+            return true;
+        };
+        let payload = {
+            let st = self.lock();
+            let mine: Vec<(u64, u32, &str)> = st
+                .awareness
+                .iter()
+                .filter(|(_, a)| matches!(a.owner, Owner::Conn(_)))
+                .map(|(id, a)| (*id, a.clock, &*a.json))
+                .collect();
+            if mine.is_empty() {
+                return true;
+            }
+            codec::relay_awareness(peers.node, mine.into_iter())
+        };
+        peers.send(self.id, payload)
     }
 
     /// Takes the persistence outbox, merged into one update.
@@ -525,6 +843,18 @@ fn tick_for(conns: usize, max_tick: Duration) -> Duration {
         return Duration::ZERO;
     }
     (TICK_PER_CONNECTION * conns as u32).min(max_tick)
+}
+
+/// What waits in yrs for missing predecessors: inserted ids and deleted ids.
+fn parked(txn: &impl ReadTxn) -> (IdSet, IdSet) {
+    let store = ReadTxn::store(txn);
+    (
+        store
+            .pending_update()
+            .map(|p| p.update.insertions(true))
+            .unwrap_or_default(),
+        store.pending_ds().cloned().unwrap_or_default(),
+    )
 }
 
 /// One update from several; the parts back if any does not decode.

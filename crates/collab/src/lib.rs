@@ -8,6 +8,8 @@
 //! - `doc`: one loaded [`Document`]: the yrs doc, its connections, awareness, the outboxes.
 //! - `session`: [`DocConnection`], one client's session (permissions, awareness limits).
 //! - `persist`: the node's persistence worker (group commit, compaction).
+//! - `relay`: the [`Relay`] trait (documents across nodes, over the server's broker), the
+//!   node's subscriptions and the buffer of a loading document.
 //! - `fuzzing` (hidden): a store-less document session for the fuzz targets in `fuzz/`.
 //! - here: [`Collab`], the registry (load once, unload when idle), each document's task
 //!   (fan-out ticks, automatic versions, unloading), and the operations REST needs.
@@ -19,11 +21,22 @@
 //!   plus one commit (see `persist`). A graceful shutdown writes everything. After a crash
 //!   the last window may be missing from the store, but every connected client still holds
 //!   it and sends it back when it re-syncs (sync step 2), which makes the document whole.
+//! - **Several nodes** (with [`Collab::set_relay`]). Every node holding a document relays
+//!   its local changes, merged per fan-out tick, and its connections' awareness; it applies
+//!   and fans out the other nodes' changes without storing or relaying them again (the node
+//!   that accepted an update stores it, once). Lost relay messages heal by sync requests
+//!   (see `relay`). Loading subscribes first, then reads the store, then applies what was
+//!   relayed meanwhile, then asks the peers for what they hold but have not stored.
+//!   Another node's cursors disappear when it relays their removal, or 30 s after their
+//!   last renewal when it crashed. Automatic versions count local changes only. Deleting a document and disconnecting a user stay
+//!   node-local: the server broadcasts those.
 //! - **Viewers never write.** Their updates are not applied, stored or relayed.
 //! - **Bounded memory.** A document nobody has open for `unload_after` is written out and
 //!   dropped. Per connection: at most `max_awareness_clients` awareness ids, states of at
 //!   most `max_awareness_state_bytes`, `awareness_rate` messages per second; updates of at
 //!   most `max_update_bytes`. Overflow closes the connection with a 44xx code (see `codec`).
+//!   Per document: a loading document buffers at most 1,024 relay messages or 4 MiB
+//!   (overflow: dropped, the sync after loading fills in), at most 4,096 awareness states.
 //!
 //! **Versions and garbage collection.** yrs garbage-collects deleted content, so an old
 //! state cannot be rebuilt from the live document. A version therefore stores the whole
@@ -37,13 +50,15 @@ mod doc;
 #[doc(hidden)]
 pub mod fuzzing;
 mod persist;
+mod relay;
 mod session;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Registry};
 use switchboard_store::{DocVersion, NewDocVersion, Store, StoreError};
 use tokio::sync::OnceCell;
@@ -54,7 +69,11 @@ use yrs::{GetString, Text, Transact};
 
 pub use codec::CloseCode;
 pub use doc::{DocSink, Document, Outgoing};
+pub use relay::Relay;
 pub use session::{Access, DocConnection};
+
+use codec::RelayBody;
+use relay::{LoadBuffer, Peers, Subscription};
 
 /// The Y.Text that the `text` format, text appends and restores work on.
 pub const TEXT_NAME: &str = "content";
@@ -117,6 +136,12 @@ pub struct CollabMetrics {
     pub persist_seconds: Histogram,
     pub compactions: IntCounter,
     pub load_seconds: Histogram,
+    /// Relay messages handed to the relay, taken in from other nodes, refused by the relay's
+    /// hand-off (each makes the document resync), and received but malformed (dropped).
+    pub relay_sent: IntCounter,
+    pub relay_received: IntCounter,
+    pub relay_dropped: IntCounter,
+    pub relay_malformed: IntCounter,
 }
 
 impl CollabMetrics {
@@ -161,6 +186,26 @@ impl CollabMetrics {
                     .buckets(vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0]),
             )
             .expect("metric"),
+            relay_sent: IntCounter::new(
+                "switchboard_doc_relay_sent_total",
+                "Document relay messages handed to the broker",
+            )
+            .expect("metric"),
+            relay_received: IntCounter::new(
+                "switchboard_doc_relay_received_total",
+                "Document relay messages from other nodes taken in",
+            )
+            .expect("metric"),
+            relay_dropped: IntCounter::new(
+                "switchboard_doc_relay_dropped_total",
+                "Document relay messages the broker hand-off dropped (healed by a sync request)",
+            )
+            .expect("metric"),
+            relay_malformed: IntCounter::new(
+                "switchboard_doc_relay_malformed_total",
+                "Document relay payloads that did not decode (dropped)",
+            )
+            .expect("metric"),
         };
         for c in [
             Box::new(m.loaded.clone()) as Box<dyn prometheus::core::Collector>,
@@ -171,6 +216,10 @@ impl CollabMetrics {
             Box::new(m.persist_seconds.clone()),
             Box::new(m.compactions.clone()),
             Box::new(m.load_seconds.clone()),
+            Box::new(m.relay_sent.clone()),
+            Box::new(m.relay_received.clone()),
+            Box::new(m.relay_dropped.clone()),
+            Box::new(m.relay_malformed.clone()),
         ] {
             registry.register(c).expect("register metric");
         }
@@ -231,6 +280,13 @@ pub enum Content {
 /// A registry slot: the document once loaded. Concurrent openers wait on the same cell.
 struct Slot {
     cell: OnceCell<Arc<Document>>,
+    /// Where relay messages for the document go: a buffer while it loads, then the document.
+    inbox: Mutex<Inbox>,
+}
+
+enum Inbox {
+    Loading(LoadBuffer),
+    Ready(Arc<Document>),
 }
 
 pub(crate) struct Inner {
@@ -244,6 +300,10 @@ pub(crate) struct Inner {
     next_conn: AtomicU64,
     tasks: TaskTracker,
     shutdown: CancellationToken,
+    /// This node's id in relay messages (random at start).
+    node: u64,
+    /// Set once by [`Collab::set_relay`]; unset, the node is alone.
+    peers: OnceLock<Arc<Peers>>,
 }
 
 impl Inner {
@@ -282,6 +342,8 @@ impl Collab {
             next_conn: AtomicU64::new(1),
             tasks: tasks.clone(),
             shutdown,
+            node: rand::random(),
+            peers: OnceLock::new(),
         });
         tasks.spawn(persist::run(inner.clone()));
         Collab { inner }
@@ -289,6 +351,65 @@ impl Collab {
 
     pub fn config(&self) -> &CollabConfig {
         &self.inner.config
+    }
+
+    /// Makes this node one of several: documents it loads relay their changes and awareness
+    /// to the other nodes holding them, and apply theirs (see `relay`). Call it once, at
+    /// start, before any document opens; documents already loaded stay node-local until
+    /// they unload. A second call is ignored.
+    pub fn set_relay(&self, relay: Arc<dyn Relay>) {
+        let inner = &self.inner;
+        let peers = Peers::new(
+            relay,
+            inner.node,
+            inner.metrics.clone(),
+            inner.tasks.clone(),
+            inner.shutdown.clone(),
+        );
+        if inner.peers.set(Arc::new(peers)).is_err() {
+            tracing::warn!("Collab::set_relay called twice; keeping the first relay");
+            return;
+        }
+        if self.loaded() > 0 {
+            tracing::warn!("Collab::set_relay called with documents loaded; they stay node-local");
+        }
+        tracing::debug!(node = inner.node, "documents relay across nodes");
+    }
+
+    /// A relay message for `doc_id` from the broker (see [`Relay::subscribe`]). Never blocks
+    /// or awaits: it applies the message to the loaded document (a short lock, like a
+    /// client's update), or buffers it while the document loads. The node's own messages,
+    /// sync replies meant for other nodes and messages for documents not loaded here are
+    /// ignored; malformed payloads are logged, counted and dropped.
+    pub fn handle_relay(&self, doc_id: i64, payload: Bytes) {
+        let inner = &self.inner;
+        let Some(peers) = inner.peers.get() else {
+            return;
+        };
+        let Some((origin, to)) = codec::relay_route(&payload) else {
+            return self.refuse_relay(doc_id, &payload);
+        };
+        if origin == peers.node || to.is_some_and(|to| to != peers.node) {
+            return;
+        }
+        let slot = inner
+            .docs
+            .lock()
+            .expect("registry lock poisoned")
+            .get(&doc_id)
+            .cloned();
+        let Some(slot) = slot else {
+            return;
+        };
+        let doc = match &mut *slot.inbox.lock().expect("inbox lock poisoned") {
+            Inbox::Loading(buffer) => return buffer.push(doc_id, payload),
+            Inbox::Ready(doc) => doc.clone(),
+        };
+        relay_in(inner, &doc, &payload);
+    }
+
+    fn refuse_relay(&self, doc_id: i64, payload: &[u8]) {
+        refuse_relay(&self.inner, doc_id, payload)
     }
 
     /// Opens a session for `user` on a document, loading it if needed.
@@ -324,10 +445,11 @@ impl Collab {
                 .or_insert_with(|| {
                     Arc::new(Slot {
                         cell: OnceCell::new(),
+                        inbox: Mutex::new(Inbox::Loading(LoadBuffer::default())),
                     })
                 })
                 .clone();
-            match slot.cell.get_or_try_init(|| self.load(doc_id)).await {
+            match slot.cell.get_or_try_init(|| self.load(doc_id, &slot)).await {
                 Ok(doc) => {
                     if doc.lock().closed {
                         self.forget(doc_id, &slot);
@@ -351,19 +473,27 @@ impl Collab {
         }
     }
 
-    async fn load(&self, doc_id: i64) -> Result<Arc<Document>, CollabError> {
+    /// Loads a document into `slot`. With a relay: first subscribe, then read the store,
+    /// then apply what arrived meanwhile (buffered in the slot), then ask the peers for what
+    /// they accepted but had not stored yet (a sync request with the loaded state vector).
+    /// An update is then either in the store as read, or relayed after the subscription
+    /// started, or in some peer's memory: none is missed.
+    async fn load(&self, doc_id: i64, slot: &Slot) -> Result<Arc<Document>, CollabError> {
         let started = Instant::now();
+        let peers = self.inner.peers.get().cloned();
+        let subscription: Option<Subscription> = match &peers {
+            Some(p) => Some(p.subscribe(doc_id).await.map_err(|e| {
+                tracing::warn!(doc = doc_id, error = %e, "subscribing to a document's relay failed");
+                CollabError::Unavailable
+            })?),
+            None => None,
+        };
         let content = self
             .inner
             .store
             .load_document(doc_id)
             .await?
             .ok_or(CollabError::NotFound)?;
-        let last_seq = content
-            .updates
-            .last()
-            .map(|u| u.seq)
-            .unwrap_or(content.snapshot_seq);
         let log_entries = content.updates.len();
         let log_bytes = content.updates.iter().map(|u| u.data.len()).sum();
         // Integrating a large log is CPU work: keep it off the async workers.
@@ -391,7 +521,34 @@ impl Collab {
         })
         .await
         .map_err(|e| CollabError::Internal(format!("loading panicked: {e}")))?;
-        let document = Arc::new(Document::new(doc_id, doc, log_entries, log_bytes, last_seq));
+        let document = Arc::new(Document::new(
+            doc_id,
+            doc,
+            log_entries,
+            log_bytes,
+            peers.clone(),
+        ));
+        if peers.is_some() {
+            let ready = Inbox::Ready(document.clone());
+            let buffered = match std::mem::replace(
+                &mut *slot.inbox.lock().expect("inbox lock poisoned"),
+                ready,
+            ) {
+                Inbox::Loading(buffer) => buffer,
+                Inbox::Ready(_) => LoadBuffer::default(),
+            };
+            let (n, overflowed) = (buffered.messages.len(), buffered.overflowed);
+            for payload in &buffered.messages {
+                relay_in(&self.inner, &document, payload);
+            }
+            document.send_sync_request();
+            tracing::debug!(
+                doc = doc_id,
+                buffered = n,
+                overflowed,
+                "document joined its peers"
+            );
+        }
         self.inner.metrics.loaded.inc();
         self.inner
             .metrics
@@ -402,7 +559,7 @@ impl Collab {
         let task_doc = document.clone();
         self.inner
             .tasks
-            .spawn(async move { run_document(inner, task_doc).await });
+            .spawn(async move { run_document(inner, task_doc, subscription).await });
         Ok(document)
     }
 
@@ -495,7 +652,7 @@ impl Collab {
             .await?
             .ok_or(CollabError::NotFound)?;
         let doc = version_doc(&state)?;
-        let tmp = Document::new(doc_id, doc, 0, 0, 0);
+        let tmp = Document::new(doc_id, doc, 0, 0, None);
         Ok((version, read_content(&tmp, format)))
     }
 
@@ -644,13 +801,25 @@ async fn save_version(
 const HOUSEKEEPING: Duration = Duration::from_millis(500);
 
 /// A loaded document's task: fan-out ticks, automatic versions, and unloading when idle.
-async fn run_document(inner: Arc<Inner>, doc: Arc<Document>) {
+/// With a relay also sync requests, expiring other nodes' awareness states and the periodic
+/// resync; it holds the document's relay subscription and releases it when it ends.
+async fn run_document(inner: Arc<Inner>, doc: Arc<Document>, subscription: Option<Subscription>) {
     let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
     housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_version = Instant::now();
+    let relayed = subscription.is_some();
+    // Loading sent the first sync request.
+    let mut last_sync = Instant::now();
+    let mut last_resync = Instant::now();
     loop {
+        let sync_at =
+            (relayed && doc.wants_sync()).then(|| last_sync + relay::SYNC_REQUEST_SPACING);
         tokio::select! {
             _ = inner.shutdown.cancelled() => break,
+            _ = tokio::time::sleep_until(sync_at.unwrap_or_else(Instant::now).into()), if sync_at.is_some() => {
+                last_sync = Instant::now();
+                doc.send_sync_request();
+            }
             _ = doc.wake.notified() => {
                 // A busy document gathers updates until a tick has passed since its last
                 // fan-out (a quiet one was already sent by the connection that changed it).
@@ -682,6 +851,15 @@ async fn run_document(inner: Arc<Inner>, doc: Arc<Document>) {
                         doc.lock().changed_since_version = true;
                     }
                 }
+                if relayed {
+                    doc.expire_remote_awareness(relay::REMOTE_AWARENESS_TIMEOUT);
+                    if last_resync.elapsed() >= relay::RESYNC_INTERVAL {
+                        last_resync = Instant::now();
+                        if doc.take_relay_activity() {
+                            doc.ask_sync();
+                        }
+                    }
+                }
                 if try_unload(&inner, &doc) {
                     break;
                 }
@@ -689,6 +867,65 @@ async fn run_document(inner: Arc<Inner>, doc: Arc<Document>) {
         }
     }
     inner.metrics.loaded.dec();
+    // Unsubscribes unless another copy of the document (reloading) still uses it.
+    drop(subscription);
+}
+
+fn refuse_relay(inner: &Inner, doc_id: i64, payload: &[u8]) {
+    inner.metrics.relay_malformed.inc();
+    tracing::warn!(
+        doc = doc_id,
+        bytes = payload.len(),
+        "dropping a relay message that does not decode"
+    );
+}
+
+/// Applies one message from another node (already routed: not ours, for us) to a loaded
+/// document.
+fn relay_in(inner: &Inner, doc: &Arc<Document>, payload: &[u8]) {
+    let Ok(msg) = codec::decode_relay(payload) else {
+        return refuse_relay(inner, doc.id, payload);
+    };
+    inner.metrics.relay_received.inc();
+    match msg.body {
+        RelayBody::Update(update) => remote_update(inner, doc, update),
+        RelayBody::SyncReply {
+            update,
+            state_vector,
+            ..
+        } => {
+            remote_update(inner, doc, update);
+            if let Some(sv) = state_vector {
+                doc.send_sync_reply(msg.origin, &sv, false);
+            }
+        }
+        RelayBody::SyncRequest(sv) => {
+            doc.send_sync_reply(msg.origin, &sv, true);
+            if !doc.send_local_awareness() {
+                doc.ask_sync();
+            }
+        }
+        RelayBody::Awareness(update) => {
+            doc.awareness_remote(update, inner.config.max_awareness_state_bytes)
+        }
+    }
+}
+
+fn remote_update(inner: &Inner, doc: &Arc<Document>, update: yrs::Update) {
+    match doc.apply_remote(update) {
+        Ok(doc::Remote::Changed) => doc.fan_out_or_schedule(inner.config.max_tick),
+        Ok(doc::Remote::Local) => {
+            inner.mark_dirty(doc);
+            doc.fan_out_or_schedule(inner.config.max_tick);
+        }
+        Ok(doc::Remote::Unchanged) | Err(doc::ApplyError::Closed) => {}
+        Err(doc::ApplyError::Invalid) => {
+            tracing::warn!(
+                doc = doc.id,
+                "an update from another node does not apply; dropped"
+            )
+        }
+    }
 }
 
 /// Unloads the document if it has been idle long enough with nothing left to write.

@@ -12,13 +12,21 @@
 //! After a write, a document whose log has grown past `compact_bytes` or `compact_updates`
 //! is compacted: its whole state is written as the snapshot and the log entries it covers
 //! are deleted, in one transaction (`Store::compact_document`), on a task of its own.
+//!
+//! Only local changes are written here: updates relayed from other nodes were stored by the
+//! node that accepted them. Several nodes therefore append to one document's log, and a
+//! compaction merges what is stored with what is in memory (see [`compact_one`]). Each node
+//! counts only its own appends towards `compact_updates`/`compact_bytes`, so with N nodes
+//! writing, a log may grow to about N times those before one of them compacts it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use switchboard_store::NewDocUpdate;
+use switchboard_store::{DocContent, NewDocUpdate};
+use yrs::{ReadTxn, StateVector, Transact};
 
+use crate::codec;
 use crate::doc::Document;
 use crate::Inner;
 
@@ -74,9 +82,10 @@ pub(crate) async fn flush(inner: &Arc<Inner>) -> bool {
             let mut compact = Vec::new();
             for ((doc, seq), size) in docs.iter().zip(seqs).zip(sizes) {
                 // `None`: the document was deleted meanwhile; its updates are moot.
-                let Some(seq) = seq else { continue };
+                if seq.is_none() {
+                    continue;
+                }
                 let mut st = doc.lock();
-                st.last_seq = st.last_seq.max(seq);
                 st.log_entries += 1;
                 st.log_bytes += size;
                 if !st.compacting
@@ -107,30 +116,89 @@ pub(crate) async fn flush(inner: &Arc<Inner>) -> bool {
     }
 }
 
-/// Replaces a document's log with a snapshot of its current state.
+/// Replaces a document's log with a snapshot.
+///
+/// Why it reads the log first: other nodes append to the same log, so this node's memory
+/// may lack an entry another node stored (its relay message is still on the way, or was
+/// lost). A snapshot of memory alone, with `through` = this node's last seq, would delete
+/// that entry for good. So the snapshot is the merge of the stored snapshot and log, as read
+/// now, with the in-memory state, and `through` is the highest seq actually read: every
+/// entry deleted is in the snapshot. It is done on a single node too, where a node's
+/// predecessor may still be flushing into the log during a restart. The cost is one read of
+/// the log (at most about `compact_bytes`) and one merge on the blocking pool per
+/// compaction, which happens once per `compact_updates` writes: rare next to the writes.
 async fn compact_one(inner: &Arc<Inner>, doc: &Arc<Document>) {
-    // The snapshot covers every stored entry up to `through`, and more (updates still in the
-    // outbox are in the state too; appending them later is harmless, updates are idempotent).
-    let (snapshot, through) = {
-        let through = doc.lock().last_seq;
-        (doc.state_update(), through)
-    };
-    let size = snapshot.len();
-    let result = inner
-        .store
-        .compact_document(doc.id, snapshot, through)
-        .await;
+    let result = compact(inner, doc).await;
     let mut st = doc.lock();
     st.compacting = false;
     match result {
-        Ok(()) => {
+        Ok(done) => {
             st.log_entries = 0;
             st.log_bytes = 0;
-            inner.metrics.compactions.inc();
-            tracing::debug!(doc = doc.id, through, size, "document compacted");
+            if let Some((through, size)) = done {
+                inner.metrics.compactions.inc();
+                tracing::debug!(doc = doc.id, through, size, "document compacted");
+            }
         }
         Err(e) => tracing::warn!(doc = doc.id, error = %e, "compaction failed; will retry"),
     }
+}
+
+/// The compaction itself: `None` when there was nothing to compact (another node just did,
+/// or the document is gone).
+async fn compact(inner: &Arc<Inner>, doc: &Arc<Document>) -> Result<Option<(i64, usize)>, String> {
+    let content = inner
+        .store
+        .load_document(doc.id)
+        .await
+        .map_err(|e| e.to_string())?;
+    let Some(content) = content else {
+        return Ok(None);
+    };
+    let Some(through) = content.updates.last().map(|u| u.seq) else {
+        return Ok(None);
+    };
+    // Updates still in the persistence outbox are in memory too; appending them later is
+    // harmless (updates are idempotent).
+    let memory = doc.state_update();
+    let doc_id = doc.id;
+    let snapshot = tokio::task::spawn_blocking(move || merged_state(doc_id, &memory, &content))
+        .await
+        .map_err(|e| format!("merging panicked: {e}"))?;
+    let size = snapshot.len();
+    inner
+        .store
+        .compact_document(doc_id, snapshot, through)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(Some((through, size)))
+}
+
+/// One state from the in-memory state and the stored snapshot and log. Stored bytes that
+/// do not apply are skipped, loudly, as when loading.
+fn merged_state(doc_id: i64, memory: &[u8], stored: &DocContent) -> Vec<u8> {
+    let doc = yrs::Doc::new();
+    {
+        let mut txn = doc.transact_mut();
+        let parts = std::iter::once((-1, memory))
+            .chain(
+                stored
+                    .snapshot
+                    .iter()
+                    .map(|s| (stored.snapshot_seq, &s[..])),
+            )
+            .chain(stored.updates.iter().map(|u| (u.seq, &u.data[..])));
+        for (seq, bytes) in parts {
+            let applied = codec::decode_update(bytes)
+                .ok_or_else(|| "does not decode".to_string())
+                .and_then(|u| txn.apply_update(u).map_err(|e| e.to_string()));
+            if let Err(e) = applied {
+                tracing::error!(doc = doc_id, seq, error = %e, "compaction skips an update that does not apply");
+            }
+        }
+    }
+    let txn = doc.transact();
+    txn.encode_state_as_update_v1(&StateVector::default())
 }
 
 /// The dirty set: documents with something in their persistence outbox. Bounded by the

@@ -15,5 +15,5 @@ pub use broker::{
     Broker, BrokerError, BrokerEventHandler, HistoryFilter, HistoryPage, PresenceStore,
     PublishOptions,
 };
-pub use hub::{Delivery, Hub, HubMetrics, Sink, Subscriber};
+pub use hub::{Delivery, HistorySource, Hub, HubMetrics, MessageHandler, Sink, Subscriber};
 pub use memory::{MemoryBroker, MemoryPresence};

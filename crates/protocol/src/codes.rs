@@ -77,3 +77,6 @@ pub const DISCONNECT_MESSAGE_TOO_BIG: Disconnect = dis(1009, "message too big");
 
 /// Unsubscribe push codes (server-side unsubscribe); below 2500 the SDK does not resubscribe.
 pub const UNSUBSCRIBE_SERVER: (u32, &str) = (2000, "server unsubscribe");
+/// The server cannot go on delivering the channel without a gap: the SDK resubscribes and
+/// recovers from its last position.
+pub const UNSUBSCRIBE_INSUFFICIENT_STATE: (u32, &str) = (2500, "insufficient state");

@@ -19,7 +19,7 @@ use switchboard_protocol::client::{ClientInfo, PresenceStatsResult, StreamPositi
 use switchboard_protocol::codes::{self, Disconnect, ErrorCode};
 use switchboard_protocol::RawValue;
 
-use crate::conn::{history_filter, publish_options, Control};
+use crate::conn::{history_filter, publish_options};
 use crate::node::{Node, API_DISCONNECT};
 
 fn authorized(node: &Node, headers: &HeaderMap) -> bool {
@@ -86,10 +86,7 @@ fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Refused> {
     };
     let value: Value = serde_json::from_slice(body).map_err(|e| {
         tracing::info!(error = %e, "api: request body is not JSON");
-        Refused::Http(
-            StatusCode::BAD_REQUEST,
-            format!("request body is not JSON: {e}"),
-        )
+        Refused::Http(StatusCode::BAD_REQUEST, "request body is not JSON".into())
     })?;
     serde_json::from_value(value).map_err(|e| {
         tracing::info!(error = %e, "api: request of the wrong shape");
@@ -204,18 +201,14 @@ async fn dispatch(node: &Arc<Node>, method: &str, body: &[u8]) -> Result<Respons
             if node.config.namespace(&r.channel).is_none() {
                 return Ok(api_error(codes::ERROR_UNKNOWN_CHANNEL));
             }
-            let channel = r.channel.clone();
-            node.control_user(&r.user, r.client.as_deref(), || Control::Subscribe {
-                channel: channel.clone(),
-            });
+            crate::cluster::control_user(node, &r.user, r.client.as_deref(), &r.channel, true)
+                .await;
             ok(json!({}))
         }
         "unsubscribe" => {
             let r: UserChannelReq = parse(body)?;
-            let channel = r.channel.clone();
-            node.control_user(&r.user, r.client.as_deref(), || Control::Unsubscribe {
-                channel: channel.clone(),
-            });
+            crate::cluster::control_user(node, &r.user, r.client.as_deref(), &r.channel, false)
+                .await;
             ok(json!({}))
         }
         "disconnect" => {
@@ -228,7 +221,7 @@ async fn dispatch(node: &Arc<Node>, method: &str, body: &[u8]) -> Result<Respons
                 }),
                 None => API_DISCONNECT,
             };
-            node.disconnect_user(&r.user, r.client.as_deref(), d);
+            crate::cluster::disconnect_user(node, &r.user, r.client.as_deref(), d).await;
             ok(json!({}))
         }
         "presence" => {
@@ -304,7 +297,11 @@ async fn dispatch(node: &Arc<Node>, method: &str, body: &[u8]) -> Result<Respons
             }
             ok(json!({ "channels": channels }))
         }
-        "info" => ok(json!({ "nodes": [node_info(node)] })),
+        "info" => {
+            let mut nodes = vec![node_info(node)];
+            nodes.extend(node.peers.live(node.config.broker.presence_ttl));
+            ok(json!({ "engine": node.hub.broker.name(), "nodes": nodes }))
+        }
         _ => {
             let msg = format!("unknown API method {method:?}");
             return Err(Refused::Http(StatusCode::NOT_FOUND, msg));
@@ -387,7 +384,7 @@ async fn publish(
     }
 }
 
-fn known_disconnect(code: u16) -> Option<Disconnect> {
+pub(crate) fn known_disconnect(code: u16) -> Option<Disconnect> {
     [
         codes::DISCONNECT_SHUTDOWN,
         codes::DISCONNECT_EXPIRED,

@@ -2,7 +2,11 @@
 //!
 //! The algorithm is pinned by configuration: HS256 with the shared secret, or RS256 when a
 //! public key is configured. A token signed any other way (including `none`) is invalid.
-//! `exp` is optional, as in Centrifugo; when present it is enforced with no leeway.
+//! `exp` is optional, as in Centrifugo; when present it is enforced with no leeway. `aud` and
+//! `iss` are required and checked when configured.
+//!
+//! Connection and subscription tokens are told apart by the `channel` claim, which only a
+//! subscription token has: one is never accepted as the other (as in Centrifugo).
 
 use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -57,6 +61,16 @@ pub struct SubscribeClaims {
     pub info: Option<serde_json::Value>,
 }
 
+/// What a connection token is decoded as: its claims, and whether it has a `channel`
+/// claim, which makes it a subscription token.
+#[derive(Deserialize)]
+struct ConnectToken {
+    #[serde(flatten)]
+    claims: ConnectClaims,
+    #[serde(default)]
+    channel: Option<serde::de::IgnoredAny>,
+}
+
 pub struct TokenVerifier {
     key: DecodingKey,
     validation: Validation,
@@ -104,11 +118,11 @@ impl TokenVerifier {
     }
 
     pub fn verify_connect(&self, token: &str) -> Result<ConnectClaims, TokenError> {
-        let claims: ConnectClaims = self.decode(token)?;
-        if claims.sub.is_empty() {
+        let token: ConnectToken = self.decode(token)?;
+        if token.claims.sub.is_empty() || token.channel.is_some() {
             return Err(TokenError::Invalid);
         }
-        Ok(claims)
+        Ok(token.claims)
     }
 
     pub fn verify_subscribe(&self, token: &str) -> Result<SubscribeClaims, TokenError> {
@@ -175,6 +189,30 @@ mod tests {
             v.verify_connect("garbage").unwrap_err(),
             TokenError::Invalid
         );
+    }
+
+    #[test]
+    fn connection_and_subscription_tokens_are_not_interchangeable() {
+        let v = verifier();
+        let sub = sign_hs256(
+            "s3cret",
+            &SubscribeClaims {
+                sub: "42".into(),
+                channel: "news".into(),
+                ..Default::default()
+            },
+        );
+        assert_eq!(v.verify_subscribe(&sub).unwrap().channel, "news");
+        assert_eq!(v.verify_connect(&sub).unwrap_err(), TokenError::Invalid);
+        let conn = sign_hs256(
+            "s3cret",
+            &ConnectClaims {
+                sub: "42".into(),
+                ..Default::default()
+            },
+        );
+        assert_eq!(v.verify_connect(&conn).unwrap().sub, "42");
+        assert_eq!(v.verify_subscribe(&conn).unwrap_err(), TokenError::Invalid);
     }
 
     #[test]

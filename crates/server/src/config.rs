@@ -58,6 +58,34 @@ pub struct Config {
     pub accounts: AccountsConfig,
     /// Collaborative documents (`/docs/{id}`): persistence, limits, versions.
     pub docs: DocsConfig,
+    /// The engine nodes share: in-process (one node), Redis or NATS.
+    pub broker: BrokerConfig,
+}
+
+/// `[broker]`: how this node reaches the other nodes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// Empty: in-process, one node. `redis://HOST:PORT[/DB]` or `nats://HOST:PORT`: one of N
+    /// nodes sharing that engine (also `--broker`, `SWITCHBOARD_BROKER_URL`).
+    pub url: String,
+    /// Prefix of every key, subject, stream and bucket the engine uses, so several
+    /// deployments can share one Redis or NATS.
+    pub prefix: String,
+    /// How long a crashed node's clients stay in presence (heartbeats every third of it),
+    /// and how long a silent node stays in `/api/info`.
+    #[serde(with = "dur")]
+    pub presence_ttl: Duration,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            url: String::new(),
+            prefix: "switchboard".into(),
+            presence_ttl: Duration::from_secs(15),
+        }
+    }
 }
 
 impl Default for Config {
@@ -79,6 +107,7 @@ impl Default for Config {
             namespaces: BTreeMap::new(),
             accounts: AccountsConfig::default(),
             docs: DocsConfig::default(),
+            broker: BrokerConfig::default(),
         }
     }
 }
@@ -124,6 +153,12 @@ pub struct ClientConfig {
     pub max_channels: usize,
     /// Connections per node; further upgrades get HTTP 503.
     pub max_connections: usize,
+    /// New WebSocket connections (both endpoints) per second from one client address (IPv6:
+    /// one /64), sustained; beyond, upgrades get HTTP 429. 0: no limit, the default, since
+    /// behind a reverse proxy every client has the proxy's address.
+    pub connection_rate_per_ip: u32,
+    /// Connections one address may open at once, above `connection_rate_per_ip`.
+    pub connection_burst_per_ip: u32,
     /// Sustained commands per second per connection.
     pub command_rate: u32,
     /// Commands a connection may send in a burst above the rate.
@@ -144,6 +179,8 @@ impl Default for ClientConfig {
             max_frame_size: 64 * 1024,
             max_channels: 128,
             max_connections: 100_000,
+            connection_rate_per_ip: 0,
+            connection_burst_per_ip: 100,
             command_rate: 100,
             command_burst: 200,
             write_queue_max_bytes: 1024 * 1024,
@@ -511,6 +548,7 @@ impl Config {
                 "API_KEY" => "api.key".to_string(),
                 "ALLOWED_ORIGINS" => "allowed_origins".to_string(),
                 "DATABASE_URL" => "database".to_string(),
+                "BROKER_URL" => "broker.url".to_string(),
                 other => other.to_ascii_lowercase().replace("__", "."),
             };
             set_path(&mut table, &defaults, &path, &v)
@@ -600,6 +638,12 @@ impl Config {
         if self.client.max_frame_size < 64 {
             return Err(ConfigError(
                 "client.max_frame_size must be at least 64".into(),
+            ));
+        }
+        if self.client.connection_rate_per_ip > 0 && self.client.connection_burst_per_ip == 0 {
+            return Err(ConfigError(
+                "client.connection_burst_per_ip must be > 0 when connection_rate_per_ip is set"
+                    .into(),
             ));
         }
         if self.client.command_rate == 0 || self.client.command_burst == 0 {

@@ -25,6 +25,7 @@ pub mod accounts;
 pub mod api;
 pub mod auth;
 pub mod chat;
+pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod dashboard;

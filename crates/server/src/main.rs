@@ -60,6 +60,9 @@ struct ConfigArgs {
     /// Database URL: sqlite:PATH or postgres://... [default: sqlite in the data directory].
     #[arg(long)]
     database: Option<String>,
+    /// Engine shared by all nodes: redis://... or nats://... [default: in-process, one node].
+    #[arg(long)]
+    broker: Option<String>,
 }
 
 impl ConfigArgs {
@@ -82,6 +85,9 @@ impl ConfigArgs {
         }
         if let Some(v) = &self.database {
             flags.push(("database", v.clone()));
+        }
+        if let Some(v) = &self.broker {
+            flags.push(("broker.url", v.clone()));
         }
         Config::load(self.config.as_deref(), std::env::vars(), &flags).map_err(|e| e.to_string())
     }
@@ -285,6 +291,16 @@ fn token(args: TokenArgs) -> Result<(), String> {
         channels: args.channels,
         ..Default::default()
     };
+    // With `[token] audience`/`issuer` set the server requires them: mint tokens it accepts.
+    let mut claims = serde_json::to_value(&claims).map_err(|e| e.to_string())?;
+    for (claim, value) in [
+        ("aud", &config.token.audience),
+        ("iss", &config.token.issuer),
+    ] {
+        if !value.is_empty() {
+            claims[claim] = value.as_str().into();
+        }
+    }
     println!("{}", sign_hs256(&secret, &claims));
     Ok(())
 }

@@ -100,6 +100,10 @@ impl Metrics {
             Box::new(moderation.dropped.clone()),
             Box::new(hub.publications.clone()),
             Box::new(hub.deliveries.clone()),
+            Box::new(hub.held.clone()),
+            Box::new(hub.gap_fills.clone()),
+            Box::new(hub.duplicates.clone()),
+            Box::new(hub.resubscribes.clone()),
         ] {
             registry.register(m).expect("metric names are unique");
         }

@@ -120,9 +120,13 @@ pub struct Node {
     /// Records `last_seen` when a user's last connection closes (see [`crate::presence`]).
     pub last_seen: crate::presence::LastSeen,
     pub connections: AtomicUsize,
+    /// New WebSocket connections per client address (`client.connection_rate_per_ip`).
+    pub connection_rate: crate::ws::ConnectionRate,
     /// The allowed origins of every site, checked at WebSocket upgrade (reloaded from the
     /// store when a site is created or changed; never queried per upgrade).
     pub site_origins: crate::sites::SiteOrigins,
+    /// The other nodes of the cluster, from their heartbeats (see [`crate::cluster`]).
+    pub peers: crate::cluster::Peers,
     rpc: RwLock<HashMap<String, Arc<dyn RpcHandler>>>,
     /// Services owning namespaces, by namespace name.
     owners: RwLock<HashMap<String, Arc<dyn ChannelOwner>>>,
@@ -132,10 +136,14 @@ pub struct Node {
 }
 
 impl Node {
+    /// `engine`: the broker and presence store shared with other nodes; `None` runs one node
+    /// on the in-process engine. `shutdown` is the token the engine's tasks already watch.
     pub fn new(
         config: Config,
         secrets: &Secrets,
         store: Arc<dyn Store>,
+        engine: Option<switchboard_engines::Engine>,
+        shutdown: CancellationToken,
     ) -> anyhow::Result<Arc<Node>> {
         let verifier = TokenVerifier::new(&config.token, &secrets.hmac_secret)?;
         let accounts = crate::accounts::Accounts::new(&config, &secrets.hmac_secret);
@@ -146,11 +154,15 @@ impl Node {
             .map(|ns| ns.history_ttl)
             .max()
             .unwrap_or_default();
-        let broker = Arc::new(MemoryBroker::new(idle_ttl));
-        let hub = Hub::new(broker, Arc::new(MemoryPresence::new()));
+        let hub = match engine {
+            Some(e) => Hub::new(e.broker, e.presence),
+            None => Hub::new(
+                Arc::new(MemoryBroker::new(idle_ttl)),
+                Arc::new(MemoryPresence::new()),
+            ),
+        };
         let metrics = Metrics::new(hub.metrics());
         let tasks = TaskTracker::new();
-        let shutdown = CancellationToken::new();
         let chat = switchboard_chat::Chat::start(
             store.clone(),
             hub.broker.clone(),
@@ -169,7 +181,11 @@ impl Node {
             shutdown.clone(),
         );
         let last_seen = crate::presence::LastSeen::start(store.clone(), &tasks, shutdown.clone());
-        Ok(Arc::new(Node {
+        let connection_rate = crate::ws::ConnectionRate::new(
+            config.client.connection_rate_per_ip,
+            config.client.connection_burst_per_ip,
+        );
+        let node = Arc::new(Node {
             config,
             hub,
             store,
@@ -184,13 +200,22 @@ impl Node {
             users: DashMap::new(),
             last_seen,
             connections: AtomicUsize::new(0),
+            connection_rate,
             site_origins: crate::sites::SiteOrigins::default(),
+            peers: crate::cluster::Peers::default(),
             rpc: RwLock::new(HashMap::new()),
             owners: RwLock::new(HashMap::new()),
             metrics,
             shutdown,
             tasks,
-        }))
+        });
+        let source: std::sync::Weak<dyn switchboard_hub::HistorySource> =
+            Arc::downgrade(&node) as std::sync::Weak<Node>;
+        node.hub.set_history_source(source);
+        let messages: std::sync::Weak<dyn switchboard_hub::MessageHandler> =
+            Arc::downgrade(&node) as std::sync::Weak<Node>;
+        node.hub.set_message_handler(messages);
+        Ok(node)
     }
 
     pub fn register_rpc(&self, method: &str, handler: Arc<dyn RpcHandler>) {
@@ -214,6 +239,18 @@ impl Node {
             .write()
             .expect("owners lock poisoned")
             .insert(namespace.to_string(), owner);
+    }
+
+    /// A channel's stream: its owner's durable one, or the broker's history.
+    pub async fn stream_history(
+        &self,
+        channel: &str,
+        filter: &switchboard_hub::HistoryFilter,
+    ) -> Result<switchboard_hub::HistoryPage, switchboard_hub::BrokerError> {
+        match self.owner(channel) {
+            Some(owner) => owner.history(channel, filter).await,
+            None => self.hub.broker.history(channel, filter).await,
+        }
     }
 
     /// The service owning `channel`'s namespace, if any.
@@ -269,6 +306,31 @@ impl Node {
     pub fn control_user(&self, user: &str, client: Option<&str>, make: impl Fn() -> Control) {
         for c in self.user_conns(user, client) {
             c.control(make());
+        }
+    }
+}
+
+/// The hub fills gaps in a channel's offsets from the same stream subscribers recover from.
+#[async_trait]
+impl switchboard_hub::HistorySource for Node {
+    async fn history(
+        &self,
+        channel: &str,
+        filter: &switchboard_hub::HistoryFilter,
+    ) -> Result<switchboard_hub::HistoryPage, switchboard_hub::BrokerError> {
+        self.stream_history(channel, filter).await
+    }
+}
+
+/// Node topic messages: the control topic, and document relays.
+impl switchboard_hub::MessageHandler for Node {
+    fn handle_message(&self, topic: &str, payload: bytes::Bytes) {
+        if topic == crate::cluster::CONTROL_TOPIC {
+            crate::cluster::handle(self, &payload);
+        } else if let Some(doc) = crate::cluster::doc_of_topic(topic) {
+            self.collab.handle_relay(doc, payload);
+        } else {
+            tracing::debug!(topic, "message on an unknown topic dropped");
         }
     }
 }

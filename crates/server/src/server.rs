@@ -3,6 +3,10 @@
 //! The accept loop serves HTTP/1.1 with hyper directly (not `axum::serve`) so that an upgraded
 //! connection hands back the plain `TcpStream`: the fan-out then writes to the socket without
 //! a per-connection writer task. It also sets a header read timeout against slowloris.
+//!
+//! Request bodies are checked before any handler reads them: one with a `Content-Encoding`
+//! other than `identity` gets 415 (nothing is ever decompressed, so the body limit is the
+//! limit), and one whose `Content-Length` is over `http.max_body_size` gets 413 at once.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -37,7 +41,62 @@ pub fn router(node: Arc<Node>) -> Router {
         // server's own prefixes).
         .fallback(crate::web::serve)
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn(move |req, next| {
+            refuse_bodies(body_limit, req, next)
+        }))
         .with_state(node)
+}
+
+/// Refuses bodies before any handler reads them: 415 for a body with a content coding (gzip,
+/// deflate, br...), since nothing here inflates bodies and reading one as plain would only
+/// give a confusing error; 413 for a declared `Content-Length` over the limit, at once,
+/// rather than after reading up to the limit (`DefaultBodyLimit` only counts what arrives).
+async fn refuse_bodies(limit: usize, req: Request, next: axum::middleware::Next) -> Response {
+    let refuse = |status: StatusCode, code: &str, message: &str| {
+        let body = serde_json::json!({"error": {"code": code, "message": message}});
+        (status, axum::Json(body)).into_response()
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        tracing::debug!(
+            path = req.uri().path(),
+            "refused: declared body over the limit"
+        );
+        return refuse(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "request body too large",
+        );
+    }
+    let encoded = req
+        .headers()
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .any(|v| {
+            v.to_str().map_or(true, |s| {
+                s.split(',')
+                    .any(|c| !c.trim().is_empty() && !c.trim().eq_ignore_ascii_case("identity"))
+            })
+        });
+    if !encoded {
+        return next.run(req).await;
+    }
+    tracing::debug!(path = req.uri().path(), "refused: compressed request body");
+    let mut resp = refuse(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+        "compressed request bodies (Content-Encoding) are not accepted",
+    );
+    // RFC 7694: say which codings are accepted.
+    resp.headers_mut().insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
+    resp
 }
 
 async fn readyz(State(node): State<Arc<Node>>) -> Response {
@@ -92,6 +151,25 @@ where
     if node.connections.load(Ordering::Relaxed) >= node.config.client.max_connections {
         tracing::warn!("refused: connection limit reached");
         return (StatusCode::SERVICE_UNAVAILABLE, "connection limit reached").into_response();
+    }
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    if let Some(ip) = peer {
+        if let Err(retry) = node.connection_rate.admit(ip, std::time::Instant::now()) {
+            // Debug, not info: a flood would otherwise flood the log too.
+            tracing::debug!(%ip, "refused: connection rate per address");
+            let secs = (retry.as_millis() as u64).div_ceil(1000).max(1);
+            let mut resp = (
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many new connections from this address",
+            )
+                .into_response();
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            return resp;
+        }
     }
     let on_upgrade = hyper::upgrade::on(&mut req);
     let task_node = node.clone();
@@ -188,6 +266,17 @@ pub struct Server {
     pub node: Arc<Node>,
 }
 
+/// A URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((_, host)) => format!("{scheme}://***@{host}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
 impl Server {
     /// Resolves secrets, binds, logs what matters about the configuration, and starts serving.
     pub async fn start(config: Config) -> anyhow::Result<Server> {
@@ -214,7 +303,41 @@ impl Server {
         let store = switchboard_store::open(&url)
             .await
             .map_err(|e| anyhow::anyhow!("cannot open the database: {e}"))?;
-        let node = Node::new(config, &secrets, store)?;
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let engine = if config.broker.url.is_empty() {
+            None
+        } else {
+            let opts = switchboard_engines::EngineOptions {
+                prefix: config.broker.prefix.clone(),
+                presence_ttl: config.broker.presence_ttl,
+                history_max_size: std::iter::once(&config.channel)
+                    .chain(config.namespaces.values())
+                    .map(|ns| ns.history_size)
+                    .max()
+                    .unwrap_or_default()
+                    .max(1),
+                history_max_ttl: std::iter::once(&config.channel)
+                    .chain(config.namespaces.values())
+                    .map(|ns| ns.history_ttl)
+                    .max()
+                    .unwrap_or_default()
+                    .max(Duration::from_secs(1)),
+                shutdown: shutdown.clone(),
+            };
+            let engine = switchboard_engines::connect(&config.broker.url, opts)
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!("cannot use the broker {}: {e}", redact(&config.broker.url))
+                })?;
+            Some(engine)
+        };
+        let node = Node::new(config, &secrets, store, engine, shutdown)?;
+        crate::cluster::start(&node).await?;
+        if node.hub.broker.name() != "memory" {
+            // Documents loaded on several nodes keep each other up to date.
+            node.collab
+                .set_relay(crate::cluster::BrokerRelay::start(&node));
+        }
         node.site_origins
             .reload(&*node.store)
             .await
@@ -232,7 +355,7 @@ impl Server {
             }
         });
         node.tasks.spawn(serve(listener, node.clone()));
-        tracing::info!(%addr, engine = "memory", store = %node.store.backend(), "switchboard listening");
+        tracing::info!(%addr, engine = node.hub.broker.name(), store = %node.store.backend(), "switchboard listening");
         if !crate::web::built() {
             tracing::warn!("this binary was built without the web app (npm missing or SWITCHBOARD_SKIP_WEB set): / serves a placeholder page");
         }

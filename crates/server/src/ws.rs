@@ -1,7 +1,15 @@
 //! WebSocket details the server needs beyond tungstenite's reader: the upgrade handshake
-//! checks and server-side frame encoding (unmasked, so one encoding serves every receiver).
+//! checks, the per-address connection rate, and server-side frame encoding (unmasked, so one
+//! encoding serves every receiver).
+//!
+//! No extension is ever negotiated: an offered `permessage-deflate` is ignored (the reply
+//! has no `Sec-WebSocket-Extensions`), so nothing a client sends is inflated, and a frame
+//! with a reserved bit set fails the connection.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::HeaderMap;
@@ -133,9 +141,145 @@ pub fn origin_allowed(allowed: &[String], sites: &HashSet<String>, headers: &Hea
     }
 }
 
+/// The most client addresses [`ConnectionRate`] tracks at once.
+pub const MAX_TRACKED_ADDRS: usize = 65_536;
+
+/// New WebSocket connections per client address (`client.connection_rate_per_ip`): a token
+/// bucket per address (IPv6: per /64), `rate` per second up to `burst`.
+///
+/// **Bounded memory.** At most [`MAX_TRACKED_ADDRS`] addresses (about 64 bytes each, 4 MB
+/// in all). When the map is full, buckets that have refilled (which behave like untracked
+/// ones) are dropped, at most once a second; if it is still full, a new address is admitted
+/// without being tracked until room frees up, so a flood from more addresses than that
+/// within `burst / rate` seconds is not limited.
+pub struct ConnectionRate {
+    rate: f64,
+    burst: f64,
+    // std Mutex: one map operation per upgrade, never held across an await.
+    state: Mutex<RateState>,
+}
+
+struct RateState {
+    buckets: HashMap<IpAddr, Bucket>,
+    last_sweep: Option<Instant>,
+}
+
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+impl ConnectionRate {
+    /// `rate` 0: no limit.
+    pub fn new(rate: u32, burst: u32) -> ConnectionRate {
+        ConnectionRate {
+            rate: f64::from(rate),
+            burst: f64::from(burst.max(1)),
+            state: Mutex::new(RateState {
+                buckets: HashMap::new(),
+                last_sweep: None,
+            }),
+        }
+    }
+
+    /// Takes a token for a new connection from `ip`, or says how long until there is one.
+    pub fn admit(&self, ip: IpAddr, now: Instant) -> Result<(), Duration> {
+        if self.rate == 0.0 {
+            return Ok(());
+        }
+        let key = crate::accounts::limiter::addr_key(ip);
+        let (rate, burst) = (self.rate, self.burst);
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if !st.buckets.contains_key(&key) && st.buckets.len() >= MAX_TRACKED_ADDRS {
+            if st
+                .last_sweep
+                .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1))
+            {
+                st.last_sweep = Some(now);
+                st.buckets.retain(|_, b| {
+                    b.tokens + now.saturating_duration_since(b.last).as_secs_f64() * rate < burst
+                });
+            }
+            if st.buckets.len() >= MAX_TRACKED_ADDRS {
+                return Ok(());
+            }
+        }
+        let b = st.buckets.entry(key).or_insert(Bucket {
+            tokens: burst,
+            last: now,
+        });
+        b.tokens =
+            (b.tokens + now.saturating_duration_since(b.last).as_secs_f64() * rate).min(burst);
+        b.last = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - b.tokens) / rate))
+        }
+    }
+
+    /// Addresses tracked now.
+    pub fn tracked(&self) -> usize {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .buckets
+            .len()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connection_rate_is_per_address_and_refills() {
+        let r = ConnectionRate::new(2, 3);
+        let t0 = Instant::now();
+        let a: IpAddr = "127.0.0.2".parse().unwrap();
+        let b: IpAddr = "127.0.0.3".parse().unwrap();
+        for _ in 0..3 {
+            assert!(r.admit(a, t0).is_ok());
+        }
+        let wait = r.admit(a, t0).unwrap_err();
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_millis(500),
+            "{wait:?}"
+        );
+        assert!(r.admit(b, t0).is_ok(), "another address has its own bucket");
+        assert!(r.admit(a, t0 + Duration::from_millis(500)).is_ok());
+        assert!(r.admit(a, t0 + Duration::from_millis(500)).is_err());
+        // One /64 is one address.
+        let v6a: IpAddr = "2001:db8::1".parse().unwrap();
+        let v6b: IpAddr = "2001:db8::2".parse().unwrap();
+        for _ in 0..3 {
+            assert!(r.admit(v6a, t0).is_ok());
+        }
+        assert!(r.admit(v6b, t0).is_err());
+        assert!(
+            ConnectionRate::new(0, 1).admit(a, t0).is_ok(),
+            "0: no limit"
+        );
+    }
+
+    #[test]
+    fn connection_rate_memory_is_bounded() {
+        let r = ConnectionRate::new(1, 1);
+        let t0 = Instant::now();
+        for i in 0..MAX_TRACKED_ADDRS as u32 {
+            assert!(r.admit(IpAddr::V4(i.into()), t0).is_ok());
+        }
+        // Full of fresh buckets: a new address is admitted untracked.
+        let extra = IpAddr::V4(u32::MAX.into());
+        assert!(r.admit(extra, t0).is_ok());
+        assert_eq!(r.tracked(), MAX_TRACKED_ADDRS);
+        // Once they have refilled, they are swept and the new address is tracked.
+        let later = t0 + Duration::from_secs(2);
+        assert!(r.admit(extra, later).is_ok());
+        assert!(r.admit(extra, later).is_err());
+        assert_eq!(r.tracked(), 1);
+    }
 
     #[test]
     fn frames_match_rfc6455_lengths() {

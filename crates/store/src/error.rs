@@ -78,6 +78,8 @@ fn sqlite_temporary(code: &str) -> bool {
 
 /// Translates a sqlx error. Unique, foreign-key and check violations that a call can
 /// anticipate are mapped by the call itself with a better message; this is the fallback.
+/// No message built here quotes the database's own text to a client-facing variant
+/// (`Conflict`, `Invalid`): that text can name tables, columns and SQL.
 pub(crate) fn db_err(e: sqlx::Error) -> StoreError {
     use sqlx::error::ErrorKind;
     match e {
@@ -107,8 +109,10 @@ pub(crate) fn db_err(e: sqlx::Error) -> StoreError {
             match db.kind() {
                 ErrorKind::UniqueViolation => StoreError::Conflict("already exists".into()),
                 ErrorKind::ForeignKeyViolation => StoreError::NotFound,
+                // The database's text names columns and SQL, and an input the call did not
+                // check first is a bug: `Other`, so callers log it and answer a plain 500.
                 ErrorKind::CheckViolation | ErrorKind::NotNullViolation => {
-                    StoreError::Invalid(db.message().to_owned())
+                    StoreError::Other(Box::new(sqlx::Error::Database(db)))
                 }
                 _ if temporary => StoreError::Unavailable(db.message().to_owned()),
                 _ => StoreError::Other(Box::new(sqlx::Error::Database(db))),

@@ -132,8 +132,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// IPv6 clients usually own a whole /64, so one /64 counts as one address. IPv4-mapped IPv6
-/// addresses count as the IPv4 address.
-fn addr_key(addr: IpAddr) -> IpAddr {
+/// addresses count as the IPv4 address. (Also the key of the WebSocket connection rate,
+/// [`crate::ws::ConnectionRate`].)
+pub(crate) fn addr_key(addr: IpAddr) -> IpAddr {
     match addr {
         IpAddr::V4(_) => addr,
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {

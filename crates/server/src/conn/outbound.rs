@@ -52,8 +52,16 @@ struct Held {
 /// Requests from other tasks (the server API) that the connection task carries out.
 #[derive(Debug)]
 pub enum Control {
-    Subscribe { channel: String },
-    Unsubscribe { channel: String },
+    Subscribe {
+        channel: String,
+    },
+    Unsubscribe {
+        channel: String,
+    },
+    /// The hub cannot deliver the channel without a gap (see `Sink::resubscribe`).
+    Resubscribe {
+        channel: String,
+    },
 }
 
 #[derive(Default)]
@@ -64,6 +72,12 @@ struct Outbound {
     /// Bytes in `partial`, `queue` and `held`, checked against the bound.
     waiting: usize,
     held: Vec<Held>,
+    /// Per channel, the offset the client's position already covers: live pushes up to it
+    /// are dropped (publications committed before the subscribe read but broadcast after
+    /// it). An entry goes once a later offset arrives.
+    floors: Vec<(Arc<str>, u64)>,
+    /// Channels whose pushes are dropped until the session has them resubscribed.
+    blocked: Vec<Arc<str>>,
     control: Vec<Control>,
     /// Set once: the task closes the connection with this code.
     closing: Option<Disconnect>,
@@ -268,12 +282,24 @@ impl Conn {
             return;
         };
         let held = o.held.swap_remove(i);
+        let mut top = after;
         for (offset, payload) in held.items {
             o.waiting -= payload.len();
             if offset == 0 || offset > after {
+                top = top.max(offset);
                 self.write_or_queue(&mut o, Item::Msg(payload), None);
             }
         }
+        if top == after && after > 0 {
+            o.floors.push((held.channel, after));
+        }
+    }
+
+    /// Forgets a channel's floor and block (it was unsubscribed).
+    pub fn forget(&self, channel: &str) {
+        let mut o = self.lock();
+        o.floors.retain(|(c, _)| &**c != channel);
+        o.blocked.retain(|c| &**c != channel);
     }
 
     /// Drops a hold without sending (the subscribe failed).
@@ -289,6 +315,17 @@ impl Conn {
 impl Sink for Conn {
     fn deliver(&self, d: &Delivery) {
         let mut o = self.lock();
+        if !o.blocked.is_empty() && o.blocked.contains(&d.channel) {
+            return;
+        }
+        if d.offset > 0 && !o.floors.is_empty() {
+            if let Some(i) = o.floors.iter().position(|(c, _)| *c == d.channel) {
+                if d.offset <= o.floors[i].1 {
+                    return;
+                }
+                o.floors.swap_remove(i);
+            }
+        }
         if !o.held.is_empty() {
             if let Some(h) = o.held.iter_mut().find(|h| h.channel == d.channel) {
                 h.items.push((d.offset, d.payload.clone()));
@@ -303,5 +340,18 @@ impl Sink for Conn {
         } else {
             self.write_or_queue(&mut o, Item::Msg(d.payload.clone()), None);
         }
+    }
+
+    fn resubscribe(&self, channel: &str) {
+        let mut o = self.lock();
+        if o.blocked.iter().any(|c| &**c == channel) {
+            return;
+        }
+        o.blocked.push(Arc::from(channel));
+        o.floors.retain(|(c, _)| &**c != channel);
+        o.control.push(Control::Resubscribe {
+            channel: channel.to_owned(),
+        });
+        self.wake.notify_one();
     }
 }

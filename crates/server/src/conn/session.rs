@@ -33,6 +33,8 @@ struct Subscription {
     /// Subscription token expiry (unix seconds).
     exp: Option<u64>,
     chan_info: Option<Box<RawValue>>,
+    /// Made by the server (connect token, server API), not by a client subscribe.
+    server_side: bool,
 }
 
 /// Token bucket: `rate` per second, up to `burst` at once.
@@ -292,7 +294,7 @@ impl Session {
             let want = req.subs.get(&channel);
             let recover = want.map(|s| (s.offset, s.epoch.as_deref().unwrap_or("").to_string()));
             match self
-                .join_channel(&channel, &ns, recover, false, chan_info, None)
+                .join_channel(&channel, &ns, recover, false, chan_info, None, true)
                 .await
             {
                 Ok((res, after)) => {
@@ -375,7 +377,15 @@ impl Session {
             .recover
             .then(|| (req.offset, req.epoch.as_deref().unwrap_or("").to_string()));
         let (mut result, after) = self
-            .join_channel(&channel, &ns, recover, req.join_leave, chan_info, exp)
+            .join_channel(
+                &channel,
+                &ns,
+                recover,
+                req.join_leave,
+                chan_info,
+                exp,
+                false,
+            )
             .await
             .map_err(|e| {
                 tracing::warn!(channel, error = %e, "subscribe failed");
@@ -403,6 +413,7 @@ impl Session {
         join_leave: bool,
         chan_info: Option<Box<RawValue>>,
         exp: Option<u64>,
+        server_side: bool,
     ) -> Result<(SubscribeResult, u64), BrokerError> {
         let hub = &self.node.hub;
         let key: Arc<str> = Arc::from(channel);
@@ -429,6 +440,7 @@ impl Session {
                 }
             };
             after = page_pubs.last().map_or(position.offset, |p| p.offset);
+            hub.observe_position(channel, &position);
             result.positioned = true;
             result.recoverable = ns.allow_recovery;
             result.offset = position.offset;
@@ -456,6 +468,7 @@ impl Session {
                 join_leave: ns.join_leave,
                 exp,
                 chan_info,
+                server_side,
             },
         );
         self.node.metrics.subscriptions.inc();
@@ -502,16 +515,12 @@ impl Session {
         }
     }
 
-    /// A channel's stream: its owner's durable one, or the broker's.
     async fn stream_history(
         &self,
         channel: &str,
         filter: &HistoryFilter,
     ) -> Result<switchboard_hub::HistoryPage, BrokerError> {
-        match self.node.owner(channel) {
-            Some(owner) => owner.history(channel, filter).await,
-            None => self.node.hub.broker.history(channel, filter).await,
-        }
+        self.node.stream_history(channel, filter).await
     }
 
     async fn unsubscribe(&mut self, channel: &str) -> bool {
@@ -527,6 +536,7 @@ impl Session {
         if let Err(e) = hub.remove_subscriber(channel, &self.conn.id).await {
             tracing::warn!(channel, error = %e, "unsubscribe from broker failed");
         }
+        self.conn.forget(channel);
         if sub.presence {
             let _ = hub.presence.remove(channel, &self.conn.id).await;
         }
@@ -589,6 +599,18 @@ impl Session {
             && (for_client || (for_subscriber && self.subs.contains_key(channel)))
     }
 
+    /// A channel owner's channels (chat rooms) are read only by those it lets subscribe: the
+    /// namespace options alone would let any client read a private room's history.
+    async fn owner_allows_read(&self, channel: &str) -> Result<(), ErrorCode> {
+        match self.node.owner(channel) {
+            Some(owner) => {
+                let user = self.user.as_deref().unwrap_or("");
+                owner.can_subscribe(user, channel).await
+            }
+            None => Ok(()),
+        }
+    }
+
     async fn presence(&mut self, id: u32, channel: &str) -> Outcome {
         let ns = self.namespace(channel).map_err(reply_err)?;
         if !ns.presence {
@@ -601,6 +623,7 @@ impl Session {
         ) {
             return Err(reply_err(codes::ERROR_PERMISSION_DENIED));
         }
+        self.owner_allows_read(channel).await.map_err(reply_err)?;
         let presence = self
             .node
             .hub
@@ -627,6 +650,7 @@ impl Session {
         ) {
             return Err(reply_err(codes::ERROR_PERMISSION_DENIED));
         }
+        self.owner_allows_read(channel).await.map_err(reply_err)?;
         let (num_clients, num_users) = self
             .node
             .hub
@@ -658,6 +682,7 @@ impl Session {
         ) {
             return Err(reply_err(codes::ERROR_PERMISSION_DENIED));
         }
+        self.owner_allows_read(channel).await.map_err(reply_err)?;
         let filter = history_filter(req.limit, req.since, req.reverse);
         match self.stream_history(channel, &filter).await {
             Ok(page) => {
@@ -757,7 +782,7 @@ impl Session {
                     return;
                 };
                 match self
-                    .join_channel(&channel, &ns, None, false, None, None)
+                    .join_channel(&channel, &ns, None, false, None, None, true)
                     .await
                 {
                     Ok((res, after)) => {
@@ -779,6 +804,28 @@ impl Session {
             Control::Unsubscribe { channel } => {
                 if self.unsubscribe(&channel).await {
                     let (code, reason) = codes::UNSUBSCRIBE_SERVER;
+                    let mut out = Vec::new();
+                    proto::encode_push(
+                        &mut out,
+                        &channel,
+                        "unsubscribe",
+                        &UnsubscribePush { code, reason },
+                    );
+                    self.conn.send(Bytes::from(out));
+                }
+            }
+            Control::Resubscribe { channel } => {
+                let Some(sub) = self.subs.remove(channel.as_str()) else {
+                    self.conn.forget(&channel);
+                    return;
+                };
+                let server_side = sub.server_side;
+                self.leave_channel(&channel, sub).await;
+                if server_side {
+                    // The SDK recovers server-side subscriptions by reconnecting.
+                    self.conn.close(codes::DISCONNECT_INSUFFICIENT_STATE);
+                } else {
+                    let (code, reason) = codes::UNSUBSCRIBE_INSUFFICIENT_STATE;
                     let mut out = Vec::new();
                     proto::encode_push(
                         &mut out,

@@ -366,8 +366,8 @@ async fn updates(
     let changed = if binary {
         node.collab.apply_update(id, &body).await?
     } else {
-        let req: EditReq = serde_json::from_slice(&body)
-            .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
+        let req: EditReq =
+            crate::rest::extract::json_body(&body, "request body").map_err(ApiError::BadRequest)?;
         match (req.text, req.update) {
             (Some(text), None) => node.collab.append_text(id, &text).await?,
             (None, Some(b64)) => {

@@ -54,6 +54,10 @@ impl FromRequestParts<Arc<Node>> for AuthUser {
 
 /// A bad request body, query or path, answered in the API's JSON error shape (axum's own
 /// rejections are plain text). Body-too-large keeps its 413.
+///
+/// Messages name the field and what is wrong with it in the API's terms. They never carry
+/// serde's or axum's wording, which names Rust types (`i64`, `struct RegisterRequest`), nor
+/// echo the offending value (see [`describe`]).
 #[derive(Debug)]
 pub struct BadInput(axum::http::StatusCode, String);
 
@@ -69,16 +73,107 @@ impl axum::response::IntoResponse for BadInput {
     }
 }
 
-fn bad_input(status: axum::http::StatusCode, text: String) -> BadInput {
+fn bad_request(message: String) -> BadInput {
+    BadInput(axum::http::StatusCode::BAD_REQUEST, message)
+}
+
+/// A body that could not be read: too large (413), or cut off.
+fn unreadable(e: axum::extract::rejection::BytesRejection) -> BadInput {
     use axum::http::StatusCode;
-    match status {
-        StatusCode::PAYLOAD_TOO_LARGE => BadInput(status, "request body too large".into()),
-        StatusCode::UNSUPPORTED_MEDIA_TYPE => BadInput(
-            StatusCode::BAD_REQUEST,
-            "expected a JSON body with Content-Type: application/json".into(),
-        ),
-        _ => BadInput(StatusCode::BAD_REQUEST, text),
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        BadInput(e.status(), "request body too large".into())
+    } else {
+        bad_request("the request body could not be read".into())
     }
+}
+
+/// What is wrong with the field at `path` (such as `members[0]`; `.` or empty for the whole
+/// value) of `what` (the request body, the query), from a serde error message, in words fit
+/// for a client: a missing or unknown field, an unknown enum value (with the accepted ones),
+/// or else "has the wrong type or an invalid value". serde's own text for the last kind
+/// names Rust types, so it is dropped; the detail goes to the debug log.
+pub(crate) fn describe(what: &str, path: &str, serde_message: &str) -> String {
+    // serde_json appends the position; the field path says more.
+    let msg = serde_message
+        .rsplit_once(" at line ")
+        .map_or(serde_message, |(m, _)| m);
+    let at = if path.is_empty() || path == "." {
+        String::new()
+    } else {
+        format!(" `{path}`")
+    };
+    for prefix in ["missing field `", "unknown field `", "unknown variant `"] {
+        if let Some(rest) = msg.strip_prefix(prefix) {
+            let name = rest.split('`').next().unwrap_or("");
+            let kind = match prefix {
+                "missing field `" => "missing field",
+                "unknown field `" => "unknown field",
+                _ => "unknown value",
+            };
+            // For enums the accepted values are the API's own words: keep them.
+            let expected = match (prefix, rest.split_once(", expected ")) {
+                ("unknown variant `", Some((_, e))) => format!(", expected {e}"),
+                _ => String::new(),
+            };
+            let place = if at.is_empty() {
+                String::new()
+            } else {
+                format!(" in{at}")
+            };
+            return format!("{what}: {kind} `{name}`{place}{expected}");
+        }
+    }
+    tracing::debug!(what, path, error = serde_message, "bad input");
+    if at.is_empty() {
+        format!("{what} has the wrong shape")
+    } else {
+        format!("{what}:{at} has the wrong type or an invalid value")
+    }
+}
+
+/// Deserializes a JSON body (after the size limit), describing failures with [`describe`].
+pub(crate) fn json_body<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    what: &str,
+) -> Result<T, String> {
+    let not_json = |e: serde_json::Error| {
+        format!(
+            "{what} is not valid JSON (line {}, column {})",
+            e.line(),
+            e.column()
+        )
+    };
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_data() {
+            describe(what, &path, &inner.to_string())
+        } else {
+            not_json(inner)
+        }
+    })?;
+    de.end().map_err(not_json)?;
+    Ok(value)
+}
+
+/// Whether the request says its body is JSON (`application/json` or `application/*+json`).
+fn is_json(headers: &axum::http::HeaderMap) -> bool {
+    let Some(ct) = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence
+        .strip_prefix("application/")
+        .is_some_and(|sub| sub == "json" || sub.ends_with("+json"))
 }
 
 /// `axum::Json` with [`BadInput`] rejections.
@@ -93,10 +188,17 @@ where
     type Rejection = BadInput;
 
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, BadInput> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(v)) => Ok(ApiJson(v)),
-            Err(e) => Err(bad_input(e.status(), e.body_text())),
+        if !is_json(req.headers()) {
+            return Err(bad_request(
+                "expected a JSON body with Content-Type: application/json".into(),
+            ));
         }
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(unreadable)?;
+        json_body(&bytes, "request body")
+            .map(ApiJson)
+            .map_err(bad_request)
     }
 }
 
@@ -111,11 +213,18 @@ where
 {
     type Rejection = BadInput;
 
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, BadInput> {
-        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
-            Ok(axum::extract::Query(v)) => Ok(ApiQuery(v)),
-            Err(e) => Err(bad_input(e.status(), e.body_text())),
-        }
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, BadInput> {
+        let query = parts.uri.query().unwrap_or_default();
+        let de = serde_urlencoded::Deserializer::new(form_urlencoded::parse(query.as_bytes()));
+        serde_path_to_error::deserialize(de)
+            .map(ApiQuery)
+            .map_err(|e| {
+                bad_request(describe(
+                    "query",
+                    &e.path().to_string(),
+                    &e.inner().to_string(),
+                ))
+            })
     }
 }
 
@@ -131,9 +240,24 @@ where
     type Rejection = BadInput;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, BadInput> {
+        use axum::extract::path::ErrorKind;
+        use axum::extract::rejection::PathRejection;
         match axum::extract::Path::<T>::from_request_parts(parts, state).await {
             Ok(axum::extract::Path(v)) => Ok(ApiPath(v)),
-            Err(e) => Err(bad_input(e.status(), e.body_text())),
+            Err(PathRejection::FailedToDeserializePathParams(e)) => {
+                tracing::debug!(error = %e.body_text(), "bad path");
+                let key = match e.kind() {
+                    ErrorKind::ParseErrorAtKey { key, .. }
+                    | ErrorKind::InvalidUtf8InPathParam { key }
+                    | ErrorKind::DeserializeError { key, .. } => Some(key.as_str()),
+                    _ => None,
+                };
+                Err(bad_request(match key {
+                    Some(key) => format!("invalid `{key}` in the path"),
+                    None => "invalid path parameter".into(),
+                }))
+            }
+            Err(_) => Err(bad_request("invalid path".into())),
         }
     }
 }

@@ -116,14 +116,11 @@ fn refused(e: ChatError) -> ApiError {
 
 /// A JSON body that may be left out entirely, or be `null` (then `T::default()`).
 fn optional_body<T: DeserializeOwned + Default>(body: &Bytes) -> Result<T, ApiError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
+    let trimmed = body.trim_ascii();
+    if trimmed.is_empty() || trimmed == b"null" {
         return Ok(T::default());
     }
-    let bad = |e: serde_json::Error| ApiError::BadRequest(format!("invalid body: {e}"));
-    match serde_json::from_slice::<Value>(body).map_err(bad)? {
-        Value::Null => Ok(T::default()),
-        v => serde_json::from_value(v).map_err(bad),
-    }
+    crate::rest::extract::json_body(body, "request body").map_err(ApiError::BadRequest)
 }
 
 #[derive(Deserialize)]

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::collections::VecDeque;
 use std::time::Duration;
 
@@ -67,13 +69,28 @@ impl RawClient {
         Self::handshake(server, tcp, None).await.0
     }
 
+    /// Opens `/connection/websocket` of the server at `addr` (a server in another process).
+    pub async fn open_at(addr: std::net::SocketAddr) -> RawClient {
+        let tcp = TcpStream::connect(addr).await.expect("tcp connect");
+        let url = format!("ws://{addr}/connection/websocket");
+        Self::handshake_url(&url, tcp, None).await.0
+    }
+
     async fn handshake(
         server: &TestServer,
         tcp: TcpStream,
         subprotocol: Option<&str>,
     ) -> (RawClient, Option<String>) {
+        Self::handshake_url(&server.ws_url(), tcp, subprotocol).await
+    }
+
+    async fn handshake_url(
+        url: &str,
+        tcp: TcpStream,
+        subprotocol: Option<&str>,
+    ) -> (RawClient, Option<String>) {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-        let mut request = server.ws_url().into_client_request().expect("request");
+        let mut request = url.into_client_request().expect("request");
         if let Some(p) = subprotocol {
             request
                 .headers_mut()
