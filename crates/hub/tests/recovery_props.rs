@@ -12,23 +12,51 @@
 //! must be neither lost nor doubled). A broker restart is a new `MemoryBroker` (a new epoch)
 //! behind a new `Hub`: the client's connection is gone and it reconnects.
 //!
-//! Deliveries reach the hub's `BrokerEventHandler` in offset order here (the memory engine
-//! publishes under the stream lock).
+//! Between the engine and the hub sits a [`Shuffler`]: it holds what the engine delivers and
+//! hands it to the hub's `BrokerEventHandler` when the test says, in any order, with one
+//! delivery dropped or doubled, as publications from several nodes arrive. The hub must put
+//! them back in order, fill what is missing from history (its `HistorySource` reads the
+//! engine), or tell the client to resubscribe (`Sink::resubscribe`); the client then does
+//! what the SDK does on that unsubscribe (code 2500): subscribe again, recovering from its
+//! last position. Gap checks run on tokio's paused clock.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
+use async_trait::async_trait;
+use bytes::Bytes;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use switchboard_hub::hub::{HistorySource, REORDER_WAIT};
 use switchboard_hub::{
-    Broker, BrokerError, Delivery, HistoryFilter, Hub, MemoryBroker, MemoryPresence,
-    PublishOptions, Sink, Subscriber,
+    Broker, BrokerError, BrokerEventHandler, Delivery, HistoryFilter, HistoryPage, Hub,
+    MemoryBroker, MemoryPresence, PublishOptions, Sink, Subscriber,
 };
-use switchboard_protocol::client::{Publication, StreamPosition};
+use switchboard_protocol::client::{ClientInfo, Publication, StreamPosition};
 use switchboard_protocol::RawValue;
 
 const CHANNEL: &str = "news";
+
+/// What the hub did across all cases (held, gap fills, duplicates dropped, resubscribes):
+/// the run checks that the property was exercised on each path.
+static COVERAGE: Mutex<[u64; 4]> = Mutex::new([0; 4]);
+
+fn count(hub: &Hub) {
+    let m = hub.metrics();
+    let mut c = COVERAGE.lock().unwrap();
+    for (i, v) in [
+        m.held.get(),
+        m.gap_fills.get(),
+        m.duplicates.get(),
+        m.resubscribes.get(),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        c[i] += v;
+    }
+}
 
 /// The client's outbound path: holds pushes while subscribing, then passes them on.
 #[derive(Default)]
@@ -36,6 +64,8 @@ struct ClientSink(Mutex<SinkState>);
 
 #[derive(Default)]
 struct SinkState {
+    /// Told to resubscribe: pushes are dropped until the client subscribes again.
+    blocked: bool,
     /// `Some` while a subscribe is in flight (`Conn::hold`).
     held: Option<Vec<(u64, u64)>>,
     /// Pushes the client has been sent and not yet processed: (offset, n).
@@ -53,15 +83,27 @@ fn n_of(payload: &[u8]) -> u64 {
 impl Sink for ClientSink {
     fn deliver(&self, d: &Delivery) {
         let mut s = self.0.lock().unwrap();
+        if s.blocked {
+            return;
+        }
         let push = (d.offset, n_of(&d.payload));
         match &mut s.held {
             Some(held) => held.push(push),
             None => s.inbox.push(push),
         }
     }
+
+    fn resubscribe(&self, _channel: &str) {
+        // `Conn::resubscribe`: later pushes are dropped; what was sent before stays.
+        self.0.lock().unwrap().blocked = true;
+    }
 }
 
 impl ClientSink {
+    fn blocked(&self) -> bool {
+        self.0.lock().unwrap().blocked
+    }
+
     fn hold(&self) {
         self.0.lock().unwrap().held = Some(Vec::new());
     }
@@ -81,6 +123,13 @@ impl ClientSink {
 #[derive(Debug, Clone)]
 enum Op {
     Publish(u8),
+    /// The shuffler hands over what it holds: permuted by the seed, and maybe one dropped
+    /// (then the engine reports a reconnect) or one doubled.
+    Deliver {
+        seed: u64,
+        drop: bool,
+        double: bool,
+    },
     Disconnect,
     /// Reconnect (if disconnected), with `u8` publications landing between the subscribe
     /// and the history read.
@@ -92,22 +141,165 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         6 => (1u8..4).prop_map(Op::Publish),
+        4 => (any::<u64>(), proptest::bool::weighted(0.2), proptest::bool::weighted(0.2))
+            .prop_map(|(seed, drop, double)| Op::Deliver { seed, drop, double }),
         2 => Just(Op::Disconnect),
         3 => (0u8..3).prop_map(Op::Reconnect),
         1 => Just(Op::Restart),
     ]
 }
 
+/// Holds the engine's deliveries until the test hands them to the hub (see the module docs).
+#[derive(Default)]
+struct Shuffler {
+    hub: OnceLock<Weak<dyn BrokerEventHandler>>,
+    pending: Mutex<Vec<(Arc<Publication>, String)>>,
+}
+
+impl Shuffler {
+    fn hub(&self) -> Option<Arc<dyn BrokerEventHandler>> {
+        self.hub.get().and_then(Weak::upgrade)
+    }
+
+    /// Hands over what is pending, permuted by `seed` (maybe dropping or doubling one).
+    fn deliver(&self, seed: u64, drop: bool, double: bool) {
+        let mut batch = std::mem::take(&mut *self.pending.lock().unwrap());
+        let mut x = seed | 1;
+        for i in (1..batch.len()).rev() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            batch.swap(i, (x % (i as u64 + 1)) as usize);
+        }
+        if drop && !batch.is_empty() {
+            batch.remove((x % batch.len() as u64) as usize);
+        }
+        if double && !batch.is_empty() {
+            let again = batch[(x >> 7) as usize % batch.len()].clone();
+            batch.push(again);
+        }
+        if let Some(hub) = self.hub() {
+            for (p, epoch) in batch {
+                hub.handle_publication(CHANNEL, p, &epoch);
+            }
+            if drop {
+                // The engine contract: deliveries go missing only across a lost connection
+                // to the service, which the engine reports once it is back. (A delivery
+                // lost without it, with no publication after it, would go unnoticed.)
+                hub.handle_reconnect();
+            }
+        }
+    }
+}
+
+impl BrokerEventHandler for Shuffler {
+    fn handle_publication(&self, _channel: &str, publication: Arc<Publication>, epoch: &str) {
+        self.pending
+            .lock()
+            .unwrap()
+            .push((publication, epoch.to_string()));
+    }
+    fn handle_join(&self, _: &str, _: &ClientInfo) {}
+    fn handle_leave(&self, _: &str, _: &ClientInfo) {}
+    fn handle_message(&self, _: &str, _: Bytes) {}
+    fn handle_reconnect(&self) {}
+}
+
+/// The engine as the hub sees it: a `MemoryBroker` whose deliveries go through a
+/// [`Shuffler`].
+struct ShuffledBroker {
+    engine: MemoryBroker,
+    shuffler: Arc<Shuffler>,
+}
+
+#[async_trait]
+impl Broker for ShuffledBroker {
+    fn register(&self, handler: Weak<dyn BrokerEventHandler>) {
+        let _ = self.shuffler.hub.set(handler);
+        let me: Arc<dyn BrokerEventHandler> = self.shuffler.clone();
+        self.engine.register(Arc::downgrade(&me));
+    }
+    async fn publish(
+        &self,
+        channel: &str,
+        data: Box<RawValue>,
+        info: Option<ClientInfo>,
+        opts: &PublishOptions,
+    ) -> Result<StreamPosition, BrokerError> {
+        self.engine.publish(channel, data, info, opts).await
+    }
+    async fn broadcast(&self, channel: &str, p: Arc<Publication>) -> Result<(), BrokerError> {
+        self.engine.broadcast(channel, p).await
+    }
+    async fn publish_join(&self, channel: &str, info: &ClientInfo) -> Result<(), BrokerError> {
+        self.engine.publish_join(channel, info).await
+    }
+    async fn publish_leave(&self, channel: &str, info: &ClientInfo) -> Result<(), BrokerError> {
+        self.engine.publish_leave(channel, info).await
+    }
+    async fn subscribe(&self, channel: &str) -> Result<(), BrokerError> {
+        self.engine.subscribe(channel).await
+    }
+    async fn unsubscribe(&self, channel: &str) -> Result<(), BrokerError> {
+        self.engine.unsubscribe(channel).await
+    }
+    async fn history(&self, channel: &str, f: &HistoryFilter) -> Result<HistoryPage, BrokerError> {
+        self.engine.history(channel, f).await
+    }
+    async fn remove_history(&self, channel: &str) -> Result<(), BrokerError> {
+        self.engine.remove_history(channel).await
+    }
+    async fn publish_message(&self, topic: &str, payload: Bytes) -> Result<(), BrokerError> {
+        self.engine.publish_message(topic, payload).await
+    }
+    async fn subscribe_topic(&self, topic: &str) -> Result<(), BrokerError> {
+        self.engine.subscribe_topic(topic).await
+    }
+    async fn unsubscribe_topic(&self, topic: &str) -> Result<(), BrokerError> {
+        self.engine.unsubscribe_topic(topic).await
+    }
+    fn name(&self) -> &'static str {
+        "shuffled-memory"
+    }
+}
+
+/// The hub's gap fills read the engine's history, as the server's do for channels without
+/// an owner.
+struct EngineHistory(Arc<ShuffledBroker>);
+
+#[async_trait]
+impl HistorySource for EngineHistory {
+    async fn history(&self, channel: &str, f: &HistoryFilter) -> Result<HistoryPage, BrokerError> {
+        self.0.history(channel, f).await
+    }
+}
+
 struct Node {
     hub: Hub,
+    shuffler: Arc<Shuffler>,
+    _history: Arc<dyn HistorySource>,
 }
 
 fn node() -> Node {
+    let shuffler = Arc::new(Shuffler::default());
+    let broker = Arc::new(ShuffledBroker {
+        engine: MemoryBroker::default(),
+        shuffler: shuffler.clone(),
+    });
+    let hub = Hub::new(broker.clone(), Arc::new(MemoryPresence::new()));
+    let history: Arc<dyn HistorySource> = Arc::new(EngineHistory(broker));
+    hub.set_history_source(Arc::downgrade(&history));
     Node {
-        hub: Hub::new(
-            Arc::new(MemoryBroker::default()),
-            Arc::new(MemoryPresence::new()),
-        ),
+        hub,
+        shuffler,
+        _history: history,
+    }
+}
+
+/// Lets the hub's gap checks run (the clock is paused: sleeping advances it at once).
+async fn settle() {
+    for _ in 0..4 {
+        tokio::time::sleep(REORDER_WAIT * 2).await;
     }
 }
 
@@ -228,7 +420,9 @@ impl Sim {
         };
         self.node.hub.add_subscriber(CHANNEL, sub).await.unwrap();
         for _ in 0..interleave {
+            // Arrives while the subscribe is in flight: held, then released above the reply.
             self.publish().await;
+            self.node.shuffler.deliver(0, false, false);
         }
         let read_at = self.published.len();
         let broker = self.node.hub.broker.clone();
@@ -237,6 +431,7 @@ impl Sim {
                 .await
                 .unwrap();
         let after = pubs.last().map_or(position.offset, |p| p.offset);
+        self.node.hub.observe_position(CHANNEL, &position);
         // Recovery must succeed exactly when the rule allows it: a position in this
         // engine's stream, with no more missed than the ring keeps and the cap allows.
         let top = (read_at - self.epoch_start) as u64;
@@ -275,6 +470,25 @@ impl Sim {
         c.sink.release(after);
         c.connected = true;
         c.drain()
+    }
+
+    /// Processes what the client was sent; when the hub told it to resubscribe, does what the
+    /// SDK does on that unsubscribe: leaves, and subscribes again recovering from its
+    /// position (which may itself be told to resubscribe: repeat).
+    async fn resubscribe_if_told(&mut self, c: &mut Client) -> Result<(), TestCaseError> {
+        c.drain()?;
+        for _ in 0..8 {
+            if !(c.connected && c.sink.blocked()) {
+                return Ok(());
+            }
+            self.disconnect(c).await;
+            c.sink = Arc::new(ClientSink::default());
+            self.subscribe(c, 0).await?;
+            self.node.shuffler.deliver(0, false, false);
+            settle().await;
+            c.drain()?;
+        }
+        Err(TestCaseError::fail("told to resubscribe over and over"))
     }
 
     async fn disconnect(&mut self, c: &mut Client) {
@@ -323,12 +537,16 @@ async fn check(
                     sim.publish().await;
                 }
             }
+            Op::Deliver { seed, drop, double } => {
+                sim.node.shuffler.deliver(seed, drop, double);
+            }
             Op::Disconnect if c.connected => sim.disconnect(&mut c).await,
             Op::Reconnect(k) if !c.connected => {
                 c.sink = Arc::new(ClientSink::default());
                 sim.subscribe(&mut c, k).await?;
             }
             Op::Restart => {
+                count(&sim.node.hub);
                 sim.node = node();
                 sim.generation += 1;
                 sim.epoch_start = sim.published.len();
@@ -336,13 +554,21 @@ async fn check(
             }
             _ => {}
         }
-        c.drain()?;
+        settle().await;
+        sim.resubscribe_if_told(&mut c).await?;
     }
+    // Everything in flight arrives, and the client catches up.
+    sim.node.shuffler.deliver(0, false, false);
+    settle().await;
+    sim.resubscribe_if_told(&mut c).await?;
     if !c.connected {
         c.sink = Arc::new(ClientSink::default());
         sim.subscribe(&mut c, 0).await?;
     }
-    c.drain()?;
+    sim.node.shuffler.deliver(0, false, false);
+    settle().await;
+    sim.resubscribe_if_told(&mut c).await?;
+    count(&sim.node.hub);
     let want: Vec<u64> = sim
         .published
         .iter()
@@ -362,6 +588,7 @@ async fn check(
 fn clients_recover_everything_or_are_told() {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .start_paused(true)
         .build()
         .unwrap();
     let mut runner = TestRunner::new(Config {
@@ -380,4 +607,10 @@ fn clients_recover_everything_or_are_told() {
     if let Err(e) = result {
         panic!("{e}");
     }
+    let [held, gap_fills, duplicates, resubscribes] = *COVERAGE.lock().unwrap();
+    eprintln!("hub: held {held}, gap fills {gap_fills}, duplicates {duplicates}, resubscribes {resubscribes}");
+    assert!(
+        held > 0 && gap_fills > 0 && duplicates > 0 && resubscribes > 0,
+        "the cases did not reach every path of the hub's ordering"
+    );
 }
