@@ -65,7 +65,7 @@ pub fn doc_session<'a>(
     frames: impl IntoIterator<Item = &'a [u8]>,
     config: &CollabConfig,
 ) -> Report {
-    let doc = Arc::new(Document::new(1, yrs::Doc::new(), 0, 0, 0));
+    let doc = Arc::new(Document::new(1, yrs::Doc::new(), 0, 0, None));
     let sink = Arc::new(Recorder::default());
     let joined = doc.join(ConnEntry {
         id: 1,
