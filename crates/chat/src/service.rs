@@ -390,7 +390,7 @@ impl Chat {
             let mut before = filter
                 .since
                 .as_ref()
-                .map_or(pos.offset + 1, |s| s.offset as i64);
+                .map_or(pos.offset + 1, |s| store_offset(s.offset));
             while want > 0 {
                 let n = want.min(STORE_PAGE as usize) as u32;
                 let page = self.inner.store.events_before(room_id, before, n).await;
@@ -404,7 +404,7 @@ impl Chat {
                 }
             }
         } else {
-            let mut after = filter.since.as_ref().map_or(0, |s| s.offset as i64);
+            let mut after = filter.since.as_ref().map_or(0, |s| store_offset(s.offset));
             while want > 0 {
                 let n = want.min(STORE_PAGE as usize) as u32;
                 let page = self
@@ -427,4 +427,11 @@ impl Chat {
             position,
         })
     }
+}
+
+/// A client's offset (any `u64`) as the store's `i64`: offsets past `i64::MAX` are beyond
+/// every stored event, so they saturate (a plain cast made them negative: "after -1" read
+/// the whole stream).
+fn store_offset(offset: u64) -> i64 {
+    i64::try_from(offset).unwrap_or(i64::MAX)
 }

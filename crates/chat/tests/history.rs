@@ -110,3 +110,69 @@ async fn limits_are_exact_across_store_pages() {
     };
     assert!(chat.history(room.id, &wrong).await.is_err());
 }
+
+/// Regression: a client's offset past `i64::MAX` (any `u64` is valid on the wire) was cast
+/// to a negative store offset, so "after 2^64 - 1" read the whole stream from the start.
+#[tokio::test]
+async fn offsets_past_i64_max_are_beyond_every_event() {
+    let db = TestDatabase::sqlite();
+    let store = db.open().await;
+    let user = store
+        .create_user(NewUser {
+            username: "m".into(),
+            password_hash: String::new(),
+            display_name: "m".into(),
+            role: UserRole::User,
+        })
+        .await
+        .unwrap();
+    let room = store
+        .create_room(NewRoom {
+            kind: RoomKind::Public,
+            name: "r".into(),
+            created_by: user.id,
+        })
+        .await
+        .unwrap();
+    let batch = (0..3)
+        .map(|i| NewMessage {
+            room_id: room.id,
+            user_id: user.id,
+            client_msg_id: None,
+            text: format!("t{i}"),
+            reply_to: None,
+        })
+        .collect();
+    assert!(store.append_messages(batch).await.iter().all(|r| r.is_ok()));
+    let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::default());
+    let tracker = TaskTracker::new();
+    let chat = Chat::start(
+        store,
+        broker,
+        ChatConfig::default(),
+        &tracker,
+        CancellationToken::new(),
+    );
+    for offset in [u64::MAX, i64::MAX as u64 + 1] {
+        let since = Some(StreamPosition {
+            offset,
+            epoch: room.epoch.clone(),
+        });
+        let after = HistoryFilter {
+            since: since.clone(),
+            limit: None,
+            reverse: false,
+        };
+        let p = chat.history(room.id, &after).await.unwrap();
+        assert!(p.publications.is_empty(), "nothing is after {offset}");
+        assert_eq!(p.position.offset, 3);
+        let before = HistoryFilter {
+            since,
+            limit: None,
+            reverse: true,
+        };
+        let p = chat.history(room.id, &before).await.unwrap();
+        let offsets: Vec<u64> = p.publications.iter().map(|p| p.offset).collect();
+        assert_eq!(offsets, vec![3, 2, 1], "everything is before {offset}");
+    }
+}

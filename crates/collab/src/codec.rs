@@ -166,10 +166,18 @@ pub fn decode(frame: &[u8], max_bytes: usize) -> Result<Incoming, Refused> {
             }
             match sub {
                 SYNC_STEP1 => {
+                    // Each entry: a client id and a clock, a byte each at least.
+                    if !count_fits(body, 2) {
+                        return Err(Refused::Malformed);
+                    }
                     guarded(|| StateVector::decode_v1(body).ok()).map(Incoming::SyncStep1)
                 }
-                SYNC_STEP2 => guarded(|| Update::decode_v1(body).ok()).map(Incoming::SyncStep2),
-                SYNC_UPDATE => guarded(|| Update::decode_v1(body).ok()).map(Incoming::Update),
+                SYNC_STEP2 => decode_update(body)
+                    .map(Incoming::SyncStep2)
+                    .ok_or(Refused::Malformed),
+                SYNC_UPDATE => decode_update(body)
+                    .map(Incoming::Update)
+                    .ok_or(Refused::Malformed),
                 _ => Err(Refused::Malformed),
             }
         }
@@ -177,6 +185,10 @@ pub fn decode(frame: &[u8], max_bytes: usize) -> Result<Incoming, Refused> {
             let body = c.read_buf().map_err(|_| Refused::Malformed)?;
             if body.len() > max_bytes {
                 return Err(Refused::TooLarge);
+            }
+            // Each entry: a client id, a clock and a string length, a byte each at least.
+            if !count_fits(body, 3) {
+                return Err(Refused::Malformed);
             }
             guarded(|| AwarenessUpdate::decode_v1(body).ok()).map(Incoming::Awareness)
         }
@@ -188,7 +200,51 @@ pub fn decode(frame: &[u8], max_bytes: usize) -> Result<Incoming, Refused> {
 
 /// Decodes a Yjs update (v1) from untrusted bytes; `None` if it does not decode.
 pub fn decode_update(bytes: &[u8]) -> Option<Update> {
+    if !update_counts_fit(bytes) {
+        return None;
+    }
     guarded(|| Update::decode_v1(bytes).ok()).ok()
+}
+
+/// A varuint at the start of `bytes`, and its length.
+fn leading_var(bytes: &[u8]) -> Option<(u64, usize)> {
+    let mut n: u64 = 0;
+    for (i, b) in bytes.iter().take(10).enumerate() {
+        n |= u64::from(b & 0x7f).checked_shl(7 * i as u32)?;
+        if b & 0x80 == 0 {
+            return Some((n, i + 1));
+        }
+    }
+    None
+}
+
+/// Whether the entry count `body` starts with fits in the bytes after it, at `min_entry`
+/// bytes per entry at least.
+///
+/// yrs reserves room for a declared count before it reads the entries (`try_reserve`,
+/// which fails only when the allocator does): eight bytes declaring 2^32 awareness clients
+/// made it allocate hundreds of gigabytes (found by the `ywebsocket` fuzz target), and
+/// smaller counts that the allocator grants cost real memory (a hash table writes a control
+/// byte per slot). A count the body cannot hold is refused before yrs sees it.
+fn count_fits(body: &[u8], min_entry: usize) -> bool {
+    match leading_var(body) {
+        Some((n, used)) => n <= ((body.len() - used) / min_entry) as u64,
+        None => false,
+    }
+}
+
+/// [`count_fits`] for an update (v1): its client count (a block count, a client id and a
+/// clock per client, a byte each at least), and the first client's block count (a byte per
+/// block at least). Later clients' counts are only reached by parsing blocks.
+fn update_counts_fit(body: &[u8]) -> bool {
+    let Some((clients, used)) = leading_var(body) else {
+        return false;
+    };
+    let rest = &body[used..];
+    if clients > (rest.len() / 3) as u64 {
+        return false;
+    }
+    clients == 0 || count_fits(rest, 1)
 }
 
 fn sync_message(sub: u64, body: &[u8]) -> Vec<u8> {
@@ -464,6 +520,53 @@ mod tests {
         check(&[0u8; 200], Refused::TooLarge);
         // Huge counts are refused without allocating for them.
         check(&[1, 6, 0xff, 0xff, 0xff, 0xff, 0x0f, 0], Refused::Malformed);
+    }
+
+    /// Regression (found by the `ywebsocket` fuzz target): declared counts are checked
+    /// against the body before yrs reserves memory for them. 2^26 awareness clients in a
+    /// 7-byte message made yrs reserve ~2.7 GB and write 64 MiB of hash-table control bytes;
+    /// the seed with 2^32 - 1 tried to allocate 283 GB.
+    #[test]
+    fn counts_larger_than_the_body_are_refused_before_parsing() {
+        // The refusal itself looks the same without the bound (yrs fails after reserving),
+        // so the bound is checked exactly, and then through `decode`.
+        assert!(count_fits(&[2, 1, 1, 0, 1, 1, 0], 3));
+        assert!(
+            !count_fits(&[3, 1, 1, 0, 1, 1, 0], 3),
+            "3 entries cannot fit in 6 bytes"
+        );
+        assert!(!count_fits(&[0x80], 1), "a truncated count");
+        assert!(count_fits(&[0], 3));
+        assert!(update_counts_fit(&[0, 0]), "the empty update");
+        assert!(update_counts_fit(&[1, 2, 7, 0, 0xaa, 0xbb]));
+        assert!(
+            !update_counts_fit(&[1, 5, 7, 0, 0xaa, 0xbb]),
+            "5 blocks in 4 bytes"
+        );
+        assert!(!update_counts_fit(&[2, 1, 7]), "2 clients in 2 bytes");
+        let mut awareness = vec![MSG_AWARENESS as u8];
+        awareness.write_buf([0x80, 0x80, 0x80, 0x20, 1, 1, 0]); // 2^26 clients, one entry
+        assert_eq!(decode(&awareness, 1 << 20).unwrap_err(), Refused::Malformed);
+        // State vectors and updates likewise: 2^26 clients, then 2^26 blocks of one client.
+        let step1 = sync_step1(&[0x80, 0x80, 0x80, 0x20, 1, 1]);
+        assert_eq!(decode(&step1, 1 << 20).unwrap_err(), Refused::Malformed);
+        let update = sync_update(&[0x80, 0x80, 0x80, 0x20, 1, 1, 1]);
+        assert_eq!(decode(&update, 1 << 20).unwrap_err(), Refused::Malformed);
+        let blocks = [1, 0x80, 0x80, 0x80, 0x20, 7, 0, 1];
+        assert_eq!(
+            decode(&sync_update(&blocks), 1 << 20).unwrap_err(),
+            Refused::Malformed
+        );
+        assert!(decode_update(&blocks).is_none());
+        // Counts that fit still decode.
+        let ok = awareness_msg_for_test();
+        assert!(matches!(decode(&ok, 1 << 20), Ok(Incoming::Awareness(_))));
+        assert!(decode_update(&edit()).is_some());
+        assert!(decode_update(Update::EMPTY_V1).is_some());
+    }
+
+    fn awareness_msg_for_test() -> Vec<u8> {
+        awareness([(1u64, 1u32, "{}"), (2, 1, "null")].into_iter())
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! - `persist`: the node's persistence worker (group commit, compaction).
 //! - `relay`: the [`Relay`] trait (documents across nodes, over the server's broker), the
 //!   node's subscriptions and the buffer of a loading document.
+//! - `fuzzing` (hidden): a store-less document session for the fuzz targets in `fuzz/`.
 //! - here: [`Collab`], the registry (load once, unload when idle), each document's task
 //!   (fan-out ticks, automatic versions, unloading), and the operations REST needs.
 //!
@@ -46,6 +47,8 @@
 
 pub mod codec;
 mod doc;
+#[doc(hidden)]
+pub mod fuzzing;
 mod persist;
 mod relay;
 mod session;

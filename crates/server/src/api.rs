@@ -324,7 +324,11 @@ pub fn node_info(node: &Node) -> Value {
 }
 
 fn presence_ns(node: &Node, channel: &str) -> Result<(), ErrorCode> {
-    match node.config.namespace(channel) {
+    presence_ns_of(&node.config, channel)
+}
+
+fn presence_ns_of(config: &crate::config::Config, channel: &str) -> Result<(), ErrorCode> {
+    match config.namespace(channel) {
         None => Err(codes::ERROR_UNKNOWN_CHANNEL),
         Some(ns) if !ns.presence => Err(codes::ERROR_NOT_AVAILABLE),
         Some(_) => Ok(()),
@@ -415,6 +419,77 @@ fn glob_match(pattern: &str, s: &str) -> bool {
         }
     }
     p[pi..].iter().all(|c| *c == '*')
+}
+
+/// Decodes `body` as [`dispatch`] does for `method` and runs its checks that need no node
+/// (`config` stands for the node's); the error is the refusal (HTTP or API error code).
+/// For the `rest_bodies` fuzz target (see [`crate::fuzzing`]).
+#[doc(hidden)]
+pub(crate) fn check_body(
+    config: &crate::config::Config,
+    method: &str,
+    body: &[u8],
+) -> Result<(), String> {
+    let refused = |r: Refused| match r {
+        Refused::Http(status, m) => format!("{status}: {m}"),
+        Refused::Api(e) => format!("error {}", e.code),
+    };
+    let known = |channel: &str| -> Result<(), String> {
+        if channel.is_empty() {
+            return Err("empty channel".into());
+        }
+        config
+            .namespace(channel)
+            .map(|ns| drop(publish_options(ns)))
+            .ok_or_else(|| "unknown channel".into())
+    };
+    match method {
+        "publish" => {
+            let r: PublishReq = parse(body).map_err(refused)?;
+            known(&r.channel)
+        }
+        "broadcast" => {
+            let r: BroadcastReq = parse(body).map_err(refused)?;
+            r.channels.iter().try_for_each(|c| known(c))
+        }
+        "subscribe" | "unsubscribe" => {
+            let r: UserChannelReq = parse(body).map_err(refused)?;
+            known(&r.channel)
+        }
+        "disconnect" => {
+            let r: DisconnectReq = parse(body).map_err(refused)?;
+            if let Some(b) = r.disconnect {
+                known_disconnect(b.code);
+            }
+            Ok(())
+        }
+        "presence" | "presence_stats" => {
+            let r: ChannelReq = parse(body).map_err(refused)?;
+            presence_ns_of(config, &r.channel).map_err(|e| format!("error {}", e.code))
+        }
+        "history" => {
+            let r: HistoryReq = parse(body).map_err(refused)?;
+            known(&r.channel)?;
+            history_filter(r.limit, r.since, r.reverse);
+            Ok(())
+        }
+        "history_remove" => parse::<ChannelReq>(body).map(drop).map_err(refused),
+        "channels" => {
+            let r: ChannelsReq = parse(body).map_err(refused)?;
+            for name in [
+                "news",
+                "chat:1",
+                "notifications:#42",
+                "system:dashboard",
+                "",
+            ] {
+                glob_match(&r.pattern, name);
+            }
+            Ok(())
+        }
+        "info" => Ok(()),
+        _ => Err(format!("unknown API method {method:?}")),
+    }
 }
 
 #[cfg(test)]

@@ -509,13 +509,29 @@ impl Config {
         env: impl IntoIterator<Item = (String, String)>,
         flags: &[(&str, String)],
     ) -> Result<Config, ConfigError> {
+        let text = match file {
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .map_err(|e| ConfigError(format!("cannot read {}: {e}", p.display())))?,
+            ),
+            None => None,
+        };
+        let source = file.map(|p| p.display().to_string());
+        let file = source.as_deref().zip(text.as_deref());
+        Config::from_layers(file, env, flags)
+    }
+
+    /// [`Config::load`] with the file already read: `file` is (its name for messages, its
+    /// TOML text).
+    pub fn from_layers(
+        file: Option<(&str, &str)>,
+        env: impl IntoIterator<Item = (String, String)>,
+        flags: &[(&str, String)],
+    ) -> Result<Config, ConfigError> {
         let mut table = match file {
-            Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .map_err(|e| ConfigError(format!("cannot read {}: {e}", p.display())))?;
-                text.parse::<toml::Table>()
-                    .map_err(|e| ConfigError(format!("{}: {e}", p.display())))?
-            }
+            Some((name, text)) => text
+                .parse::<toml::Table>()
+                .map_err(|e| ConfigError(format!("{name}: {e}")))?,
             None => toml::Table::new(),
         };
         let defaults = toml::Table::try_from(Config::default()).expect("defaults serialize");

@@ -19,6 +19,7 @@
 //! - [`metrics`]: Prometheus metrics.
 //! - [`dashboard`]: each node's figures, published every second to `system:dashboard`.
 //! - [`web`]: the browser app, embedded at build time and served at `/`.
+//! - `fuzzing` (hidden): the decoding entry points of the fuzz targets in `fuzz/`.
 
 pub mod accounts;
 pub mod api;
@@ -29,6 +30,8 @@ pub mod config;
 pub mod conn;
 pub mod dashboard;
 pub mod docs;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod metrics;
 pub mod node;
 pub mod presence;

@@ -503,12 +503,7 @@ impl Session {
         };
         match self.stream_history(channel, &filter).await {
             Ok(page) => {
-                let contiguous = match page.publications.first() {
-                    Some(first) => first.offset == offset + 1,
-                    None => page.position.offset == *offset,
-                };
-                let ok =
-                    page.position.epoch == *epoch && contiguous && page.publications.len() <= max;
+                let ok = recovers(&page, *offset, epoch, max);
                 let pubs = if ok { page.publications } else { Vec::new() };
                 Ok((pubs, page.position, ok))
             }
@@ -916,6 +911,17 @@ impl Session {
     }
 }
 
+/// Whether a history page read from a client's position `(offset, epoch)` recovers it: the
+/// same epoch, starting right after `offset` (or nothing missed), at most `max`
+/// publications. The offset is the client's: `u64::MAX` is possible, and recovers nothing.
+fn recovers(page: &switchboard_hub::HistoryPage, offset: u64, epoch: &str, max: usize) -> bool {
+    let contiguous = match page.publications.first() {
+        Some(first) => offset.checked_add(1) == Some(first.offset),
+        None => page.position.offset == offset,
+    };
+    page.position.epoch == epoch && contiguous && page.publications.len() <= max
+}
+
 pub fn publish_options(ns: &NamespaceOptions) -> PublishOptions {
     PublishOptions {
         history_size: ns.history_size,
@@ -951,5 +957,54 @@ fn unix_to_instant(unix: u64) -> Instant {
         now_i
             .checked_sub(Duration::from_secs(now - unix))
             .unwrap_or(now_i)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchboard_hub::HistoryPage;
+
+    fn page(offsets: &[u64], top: u64, epoch: &str) -> HistoryPage {
+        HistoryPage {
+            publications: offsets
+                .iter()
+                .map(|&offset| {
+                    Arc::new(proto::Publication {
+                        offset,
+                        data: RawValue::from_string("{}".into()).unwrap(),
+                        info: None,
+                        tags: None,
+                    })
+                })
+                .collect(),
+            position: StreamPosition {
+                offset: top,
+                epoch: epoch.into(),
+            },
+        }
+    }
+
+    #[test]
+    fn recovery_is_all_or_nothing() {
+        assert!(recovers(&page(&[4, 5], 5, "e"), 3, "e", 2));
+        assert!(recovers(&page(&[], 3, "e"), 3, "e", 2), "nothing missed");
+        assert!(
+            !recovers(&page(&[4, 5], 5, "e"), 3, "x", 2),
+            "another epoch"
+        );
+        assert!(!recovers(&page(&[5], 5, "e"), 3, "e", 2), "a gap");
+        assert!(
+            !recovers(&page(&[4, 5, 6], 6, "e"), 3, "e", 2),
+            "over the maximum"
+        );
+    }
+
+    /// Regression: a client's offset of u64::MAX overflowed `offset + 1` (a panic in debug
+    /// builds) when the stream returned publications (the chat stream read "after -1").
+    #[test]
+    fn a_maximal_client_offset_does_not_overflow() {
+        assert!(!recovers(&page(&[1, 2], 2, "e"), u64::MAX, "e", 10));
+        assert!(!recovers(&page(&[], 2, "e"), u64::MAX, "e", 10));
     }
 }

@@ -129,3 +129,15 @@ async fn audit_log(
         next_before,
     }))
 }
+
+/// Decodes `body` as the handler of `route` (`"METHOD /path"`) does and runs the checks the
+/// handler makes before it reaches the store; `None` when `route` is not one of this
+/// module's. For the `rest_bodies` fuzz target (see [`crate::fuzzing`]).
+#[doc(hidden)]
+pub(crate) fn check_body(route: &str, body: &[u8]) -> Option<Result<(), ApiError>> {
+    use crate::fuzzing::json;
+    Some(match route {
+        "PATCH /v1/admin/users/{id}" => json::<PatchUser>(body).map(|_| ()),
+        _ => return None,
+    })
+}

@@ -330,3 +330,33 @@ fn signing_disabled() -> ApiError {
         "password login is disabled: this server verifies RS256 tokens and cannot sign them".into(),
     )
 }
+
+/// Decodes `body` as the handler of `route` (`"METHOD /path"`) does and runs the checks the
+/// handler makes before it reaches the store; `None` when `route` is not one of this
+/// module's. For the `rest_bodies` fuzz target (see [`crate::fuzzing`]).
+#[doc(hidden)]
+pub(crate) fn check_body(route: &str, body: &[u8]) -> Option<Result<(), ApiError>> {
+    use crate::fuzzing::json;
+    Some(match route {
+        "POST /v1/auth/register" => json::<RegisterRequest>(body).and_then(|req| {
+            accounts::validate_username(&req.username).map_err(ApiError::BadRequest)?;
+            accounts::validate_password(&req.password).map_err(ApiError::BadRequest)?;
+            accounts::validate_display_name(&req.display_name).map_err(ApiError::BadRequest)?;
+            accounts::normalize_username(&req.username);
+            Ok(())
+        }),
+        "POST /v1/auth/login" => json::<LoginRequest>(body).map(|req| {
+            let _ = accounts::validate_username(&req.username);
+            let _key: String = accounts::normalize_username(&req.username)
+                .chars()
+                .take(64)
+                .collect();
+        }),
+        "POST /v1/auth/refresh" | "POST /v1/auth/logout" => {
+            json::<RefreshRequest>(body).map(|req| {
+                accounts::refresh_token_hash(&req.refresh_token);
+            })
+        }
+        _ => return None,
+    })
+}

@@ -518,3 +518,50 @@ pub fn schemas() -> Value {
         "RestoreResponse": {"type": "object", "properties": {"restored": {"$ref": "#/components/schemas/Version"}}},
     })
 }
+
+/// Decodes `body` as the handler of `route` (`"METHOD /path"`) does and runs the checks the
+/// handler makes before it reaches the store; `None` when `route` is not one of this
+/// module's. For the `rest_bodies` fuzz target (see [`crate::fuzzing`]).
+#[doc(hidden)]
+pub(crate) fn check_body(route: &str, body: &[u8]) -> Option<Result<(), ApiError>> {
+    use crate::fuzzing::json;
+    Some(match route {
+        "POST /v1/documents" | "PATCH /v1/documents/{id}" => {
+            json::<TitleReq>(body).and_then(|req| title(&req.title).map(|_| ()))
+        }
+        "PUT /v1/documents/{id}/members/{user_id}" => json::<RoleReq>(body).and_then(|req| {
+            if req.role == DocRole::Owner {
+                return Err(ApiError::BadRequest("role must be editor or viewer".into()));
+            }
+            Ok(())
+        }),
+        // The JSON form (the binary form is the y-websocket update the `ywebsocket` target
+        // covers); `Collab::apply_update` refuses what does not decode before applying.
+        "POST /v1/documents/{id}/updates" => serde_json::from_slice::<EditReq>(body)
+            .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+            .and_then(|req| match (req.text, req.update) {
+                (Some(_), None) => Ok(()),
+                (None, Some(b64)) => {
+                    let bytes = base64::engine::general_purpose::STANDARD
+                        .decode(b64.as_bytes())
+                        .map_err(|_| ApiError::BadRequest("update is not valid base64".into()))?;
+                    codec::decode_update(&bytes)
+                        .map(|_| ())
+                        .ok_or_else(|| ApiError::BadRequest("not a Yjs update".into()))
+                }
+                _ => Err(ApiError::BadRequest(
+                    "send exactly one of text or update".into(),
+                )),
+            }),
+        "POST /v1/documents/{id}/versions" => json::<LabelReq>(body).and_then(|req| {
+            let label = req.label.trim();
+            if label.is_empty() || label.chars().count() > 200 {
+                return Err(ApiError::BadRequest(
+                    "label must have 1 to 200 characters".into(),
+                ));
+            }
+            Ok(())
+        }),
+        _ => return None,
+    })
+}

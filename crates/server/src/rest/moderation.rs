@@ -275,3 +275,19 @@ async fn mute(
         .map_err(refused)?;
     Ok(Json(json!({ "member": member })))
 }
+
+/// Decodes `body` as the handler of `route` (`"METHOD /path"`) does and runs the checks the
+/// handler makes before it reaches the store; `None` when `route` is not one of this
+/// module's. For the `rest_bodies` fuzz target (see [`crate::fuzzing`]).
+#[doc(hidden)]
+pub(crate) fn check_body(route: &str, body: &[u8]) -> Option<Result<(), ApiError>> {
+    use crate::fuzzing::json;
+    let body = Bytes::copy_from_slice(body);
+    Some(match route {
+        "POST /v1/moderation/messages/{id}/remove"
+        | "POST /v1/moderation/messages/{id}/restore" => optional_body::<Reason>(&body).map(|_| ()),
+        "POST /v1/moderation/users/{id}/ban" => optional_body::<BanReq>(&body).map(|_| ()),
+        "POST /v1/rooms/{id}/mute" => json::<MuteReq>(&body).map(|_| ()),
+        _ => return None,
+    })
+}

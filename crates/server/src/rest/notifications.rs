@@ -166,3 +166,21 @@ async fn presence(
         json!({ "user_id": id, "online": online, "last_seen": last_seen }),
     ))
 }
+
+/// Decodes `body` as the handler of `route` (`"METHOD /path"`) does and runs the checks the
+/// handler makes before it reaches the store; `None` when `route` is not one of this
+/// module's. For the `rest_bodies` fuzz target (see [`crate::fuzzing`]).
+#[doc(hidden)]
+pub(crate) fn check_body(route: &str, body: &[u8]) -> Option<Result<(), ApiError>> {
+    use crate::fuzzing::json;
+    Some(match route {
+        "POST /v1/notifications/read" => {
+            json::<MarkReadReq>(body).and_then(|req| match (req.ids, req.all) {
+                (None, true) => Ok(()),
+                (Some(ids), false) if ids.len() <= MAX_READ_IDS => Ok(()),
+                _ => Err(ApiError::BadRequest("ids or all".into())),
+            })
+        }
+        _ => return None,
+    })
+}

@@ -445,3 +445,39 @@ async fn send(
     let body = json!({"message": message_view(&sent.message), "duplicate": sent.duplicate});
     Ok((status, Json(body)).into_response())
 }
+
+/// Decodes `body` as the handler of `route` (`"METHOD /path"`) does and runs the checks the
+/// handler makes before it reaches the store; `None` when `route` is not one of this
+/// module's. For the `rest_bodies` fuzz target (see [`crate::fuzzing`]).
+#[doc(hidden)]
+pub(crate) fn check_body(route: &str, body: &[u8]) -> Option<Result<(), ApiError>> {
+    use crate::fuzzing::json;
+    Some(match route {
+        "POST /v1/rooms" => json::<CreateRoom>(body).and_then(|req| {
+            if req.kind == RoomKind::Direct {
+                let [_other] = req.members[..] else {
+                    return Err(ApiError::BadRequest(
+                        "a direct room has exactly one other member".into(),
+                    ));
+                };
+            } else if req.name.trim().is_empty() || req.name.chars().count() > 100 {
+                return Err(ApiError::BadRequest("name must be 1-100 characters".into()));
+            }
+            Ok(())
+        }),
+        "POST /v1/rooms/{id}/invite" | "POST /v1/rooms/{id}/kick" => {
+            json::<UserRef>(body).map(|_| ())
+        }
+        "PUT /v1/rooms/{id}/members/{user_id}" => json::<RoleReq>(body).and_then(|req| {
+            if req.role == MemberRole::Owner {
+                return Err(ApiError::BadRequest(
+                    "ownership cannot be given away here".into(),
+                ));
+            }
+            Ok(())
+        }),
+        // `Chat::send` validates the text and `client_msg_id` (see its tests).
+        "POST /v1/rooms/{id}/messages" => json::<SendReq>(body).map(|_| ()),
+        _ => return None,
+    })
+}

@@ -392,3 +392,51 @@ async fn provision(
         "no free username for this external_id".into(),
     ))
 }
+
+/// Decodes `body` as the handler of `route` (`"METHOD /path"`) does and runs the checks the
+/// handler makes before it reaches the store; `None` when `route` is not one of this
+/// module's. For the `rest_bodies` fuzz target (see [`crate::fuzzing`]).
+#[doc(hidden)]
+pub(crate) fn check_body(route: &str, body: &[u8]) -> Option<Result<(), ApiError>> {
+    use crate::fuzzing::json;
+    Some(match route {
+        "POST /v1/admin/sites" => json::<CreateSite>(body).and_then(|req| {
+            validate_name(&req.name)?;
+            validate_origins(&req.allowed_origins)?;
+            Ok(())
+        }),
+        "PATCH /v1/admin/sites/{id}" => json::<PatchSite>(body).and_then(|req| {
+            req.name.as_deref().map(validate_name).transpose()?;
+            req.allowed_origins
+                .as_deref()
+                .map(validate_origins)
+                .transpose()?;
+            Ok(())
+        }),
+        "POST /v1/sites/{id}/tokens" => json::<MintToken>(body).and_then(|req| {
+            let external_id = req.external_id;
+            let n = external_id.chars().count();
+            if !(1..=MAX_EXTERNAL_ID).contains(&n) || external_id.chars().any(char::is_control) {
+                return Err(ApiError::BadRequest("external_id".into()));
+            }
+            let display_name = req
+                .display_name
+                .as_deref()
+                .map(accounts::validate_display_name)
+                .transpose()
+                .map_err(ApiError::BadRequest)?;
+            if !(1..=MAX_TOKEN_TTL).contains(&req.ttl.unwrap_or(900)) {
+                return Err(ApiError::BadRequest("ttl".into()));
+            }
+            // What `provision` derives for a new site user.
+            let display_name =
+                display_name.unwrap_or_else(|| external_id.trim().chars().take(64).collect());
+            let _ = display_name;
+            for attempt in 0..5 {
+                site_username(1, &external_id, attempt);
+            }
+            Ok(())
+        }),
+        _ => return None,
+    })
+}

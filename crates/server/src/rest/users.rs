@@ -174,3 +174,26 @@ async fn patch_me(
     }
     Ok(Json(user))
 }
+
+/// Decodes `body` as the handler of `route` (`"METHOD /path"`) does and runs the checks the
+/// handler makes before it reaches the store; `None` when `route` is not one of this
+/// module's. For the `rest_bodies` fuzz target (see [`crate::fuzzing`]).
+#[doc(hidden)]
+pub(crate) fn check_body(route: &str, body: &[u8]) -> Option<Result<(), ApiError>> {
+    use crate::fuzzing::json;
+    Some(match route {
+        "PATCH /v1/users/me" => json::<PatchMe>(body).and_then(|req| {
+            req.display_name
+                .as_deref()
+                .map(accounts::validate_display_name)
+                .transpose()
+                .map_err(ApiError::BadRequest)?;
+            if let Some(change) = req.password {
+                accounts::validate_password(&change.new)
+                    .map_err(|m| ApiError::BadRequest(format!("new {m}")))?;
+            }
+            Ok(())
+        }),
+        _ => return None,
+    })
+}

@@ -1,0 +1,218 @@
+//! Entry points for the fuzz targets in `fuzz/` (hidden from the docs; not an API).
+//!
+//! [`doc_session`] gives one editing connection a fresh document with no store and no
+//! tasks, and feeds it client frames the way [`crate::DocConnection::handle`] does: the
+//! same decoder ([`codec::decode`]), then the same [`Document`] methods for each message
+//! (step 2, `apply`, `awareness`, query-awareness). After the frames it does what the rest
+//! of the node would do with the result: the document task's fan-out (merging the queued
+//! updates), the persistence worker's `take_unpersisted`, the REST reads and a server-side
+//! text edit. [`reload`] integrates stored updates the way `Collab::load` does.
+//!
+//! What is left out, and why: the awareness token bucket is time based, so it is replaced
+//! by its burst (at most `awareness_burst` awareness frames); viewers are not modelled
+//! (their frames are decoded and then dropped).
+
+use std::sync::{Arc, Mutex};
+
+use yrs::updates::encoder::Encode;
+use yrs::{ReadTxn, Transact};
+
+use crate::codec::{self, CloseCode, Incoming};
+use crate::doc::{Applied, ApplyError, ConnEntry, DocSink, Document, Outgoing};
+use crate::{read_content, CollabConfig, Content, Format, TEXT_NAME};
+
+/// What the connection was sent, and whether it was closed.
+#[derive(Default)]
+struct Recorder {
+    sent: Mutex<Vec<Vec<u8>>>,
+    closed: Mutex<Option<CloseCode>>,
+}
+
+impl DocSink for Recorder {
+    fn send(&self, msg: &Outgoing) {
+        self.sent
+            .lock()
+            .expect("recorder lock")
+            .push(msg.payload().to_vec());
+    }
+
+    fn close(&self, code: CloseCode) {
+        *self.closed.lock().expect("recorder lock") = Some(code);
+    }
+}
+
+/// The outcome of a [`doc_session`].
+#[derive(Debug)]
+pub struct Report {
+    /// The code the connection was closed with (the first refused frame ends the session).
+    pub close: Option<CloseCode>,
+    /// The document closed itself (an update panicked the CRDT): what it holds is not
+    /// what it persisted.
+    pub document_closed: bool,
+    /// Every message the connection was sent, in order (its own fan-out included).
+    pub sent: Vec<Vec<u8>>,
+    /// The document's state vector (v1) after the session and the server-side edit.
+    pub state_vector: Vec<u8>,
+    /// What the persistence worker would have written, in order: the session's merged
+    /// updates, then the server-side edit's.
+    pub persisted: Vec<Vec<u8>>,
+    /// The `content` text before the server-side edit, as `GET .../content` reads it.
+    pub text: String,
+}
+
+/// Runs one editing connection's `frames` against a fresh document (see the module docs).
+pub fn doc_session<'a>(
+    frames: impl IntoIterator<Item = &'a [u8]>,
+    config: &CollabConfig,
+) -> Report {
+    let doc = Arc::new(Document::new(1, yrs::Doc::new(), 0, 0, None));
+    let sink = Arc::new(Recorder::default());
+    let joined = doc.join(ConnEntry {
+        id: 1,
+        user: Arc::from("1"),
+        sink: sink.clone(),
+    });
+    assert!(joined, "a fresh document is open");
+    let mut owned = Vec::new();
+    let mut awareness_left = config.awareness_burst;
+    let mut close = None;
+    for frame in frames {
+        let outcome = handle(&doc, &sink, &mut owned, &mut awareness_left, config, frame);
+        if let Err(code) = outcome {
+            close = Some(code);
+            break;
+        }
+    }
+    doc.fan_out();
+    let mut persisted: Vec<Vec<u8>> = doc.take_unpersisted().into_iter().collect();
+    let text = match read_content(&doc, Format::Text) {
+        Content::Text(t) => t,
+        _ => unreachable!("asked for text"),
+    };
+    let _ = read_content(&doc, Format::Json);
+    let _ = read_content(&doc, Format::Update);
+    // `POST /v1/documents/{id}/updates` with `{"text": ...}`: `Collab::append_text`.
+    let edited = doc.change_text(TEXT_NAME, |txn, t| {
+        use yrs::Text;
+        let len = t.len(txn);
+        t.insert(txn, len, "!");
+    });
+    if matches!(edited, Ok(Applied::Changed)) {
+        persisted.extend(doc.take_unpersisted());
+    }
+    doc.leave(1);
+    doc.fan_out();
+    let state_vector = doc.read(|d| d.transact().state_vector().encode_v1());
+    let document_closed = sink.closed.lock().expect("recorder lock").is_some();
+    let sent = std::mem::take(&mut *sink.sent.lock().expect("recorder lock"));
+    Report {
+        close,
+        document_closed,
+        sent,
+        state_vector,
+        persisted,
+        text,
+    }
+}
+
+/// One frame, as `DocConnection::handle` takes it for an editor.
+fn handle(
+    doc: &Arc<Document>,
+    sink: &Arc<Recorder>,
+    owned: &mut Vec<u64>,
+    awareness_left: &mut u32,
+    config: &CollabConfig,
+    frame: &[u8],
+) -> Result<(), CloseCode> {
+    let msg = codec::decode(frame, config.max_update_bytes).map_err(|r| r.close_code())?;
+    match msg {
+        Incoming::SyncStep1(sv) => {
+            sink.send(&doc.step2(&sv));
+            Ok(())
+        }
+        Incoming::SyncStep2(update) | Incoming::Update(update) => match doc.apply(update) {
+            Ok(Applied::Changed) => {
+                doc.fan_out_or_schedule(config.max_tick);
+                Ok(())
+            }
+            Ok(Applied::Unchanged) => Ok(()),
+            Err(ApplyError::Invalid) => Err(codec::CLOSE_MALFORMED),
+            Err(ApplyError::Closed) => Err(codec::CLOSE_UNAVAILABLE),
+        },
+        Incoming::Awareness(update) => {
+            if *awareness_left == 0 {
+                return Err(codec::CLOSE_FLOOD);
+            }
+            *awareness_left -= 1;
+            doc.awareness(
+                1,
+                owned,
+                update,
+                config.max_awareness_clients,
+                config.max_awareness_state_bytes,
+            )
+        }
+        Incoming::QueryAwareness => {
+            sink.send(&doc.awareness_states());
+            Ok(())
+        }
+        Incoming::Auth => Ok(()),
+    }
+}
+
+/// A document rebuilt from stored updates (snapshot first, then the log) the way
+/// `Collab::load` does: each part decoded with [`codec::decode_update`] and applied in one
+/// transaction; parts that do not decode or apply are skipped. Returns the document and how
+/// many parts were skipped.
+pub fn reload<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> (yrs::Doc, usize) {
+    let doc = yrs::Doc::new();
+    let mut skipped = 0;
+    {
+        let mut txn = doc.transact_mut();
+        for bytes in parts {
+            let applied = codec::decode_update(bytes)
+                .ok_or_else(|| "does not decode".to_string())
+                .and_then(|u| txn.apply_update(u).map_err(|e| e.to_string()));
+            if applied.is_err() {
+                skipped += 1;
+            }
+        }
+    }
+    (doc, skipped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use yrs::sync::{Message, SyncMessage};
+    use yrs::{GetString, Text};
+
+    #[test]
+    fn a_session_is_persisted_and_reloads_to_the_same_state() {
+        let client = yrs::Doc::with_client_id(7);
+        let text = client.get_or_insert_text(TEXT_NAME);
+        let update = {
+            let mut txn = client.transact_mut();
+            text.insert(&mut txn, 0, "hello");
+            txn.encode_update_v1()
+        };
+        let frame = Message::Sync(SyncMessage::Update(update)).encode_v1();
+        let report = doc_session([frame.as_slice()], &CollabConfig::default());
+        assert_eq!(report.close, None);
+        assert_eq!(report.text, "hello");
+        // Step 1 on join, then the fan-out of the update and of the server-side edit.
+        assert!(report.sent.len() >= 2, "{:?}", report.sent);
+        let (reloaded, skipped) = reload(report.persisted.iter().map(Vec::as_slice));
+        assert_eq!(skipped, 0);
+        let t = reloaded.get_or_insert_text(TEXT_NAME);
+        assert_eq!(t.get_string(&reloaded.transact()), "hello!");
+        let sv = reloaded.transact().state_vector().encode_v1();
+        assert_eq!(sv, report.state_vector);
+    }
+
+    #[test]
+    fn a_refused_frame_ends_the_session() {
+        let report = doc_session([&[9u8][..], &[0, 2, 1, 0][..]], &CollabConfig::default());
+        assert_eq!(report.close, Some(codec::CLOSE_MALFORMED));
+    }
+}
