@@ -216,7 +216,11 @@ impl Broker for MemoryBroker {
     }
 
     async fn publish_message(&self, topic: &str, payload: Bytes) -> Result<(), BrokerError> {
-        let subscribed = self.topics.lock().expect("topics lock poisoned").contains(topic);
+        let subscribed = self
+            .topics
+            .lock()
+            .expect("topics lock poisoned")
+            .contains(topic);
         if subscribed {
             if let Some(h) = self.handler() {
                 h.handle_message(topic, payload);
@@ -234,7 +238,10 @@ impl Broker for MemoryBroker {
     }
 
     async fn unsubscribe_topic(&self, topic: &str) -> Result<(), BrokerError> {
-        self.topics.lock().expect("topics lock poisoned").remove(topic);
+        self.topics
+            .lock()
+            .expect("topics lock poisoned")
+            .remove(topic);
         Ok(())
     }
 
