@@ -252,13 +252,15 @@ impl Unconfirmed {
     /// broadcast. Since nothing was written between the failed writes and this one, what
     /// committed of them is among the room's last events below that offset (or below its
     /// top, for rooms the write did not touch): those that match are broadcast, in offset
-    /// order. A room whose lookup fails stays for the next time.
+    /// order. A room whose lookup fails stays for the next time. Returns the (room, offset)
+    /// of each event it broadcast.
     async fn resolve(
         &mut self,
         store: &dyn Store,
         broker: &Arc<dyn Broker>,
         first: &HashMap<i64, i64>,
-    ) {
+    ) -> Vec<(i64, i64)> {
+        let mut delivered = Vec::new();
         let rooms: Vec<i64> = self.rooms.keys().copied().collect();
         for room in rooms {
             let keys = &self.rooms[&room];
@@ -275,6 +277,7 @@ impl Unconfirmed {
                     let mut sent = 0usize;
                     for e in events.iter().filter(|e| keys.iter().any(|k| k.matches(e))) {
                         broadcast(broker, e).await;
+                        delivered.push((room, e.offset));
                         sent += 1;
                     }
                     if sent > 0 {
@@ -298,6 +301,7 @@ impl Unconfirmed {
                 }
             }
         }
+        delivered
     }
 }
 
@@ -332,5 +336,97 @@ async fn broadcast(broker: &Arc<dyn Broker>, e: &RoomEvent) {
     if let Err(err) = broker.broadcast(&channel, events::publication(e)).await {
         // Stored but not delivered live: subscribers recover it from the store.
         tracing::warn!(channel, error = %err, "broadcast failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchboard_hub::MemoryBroker;
+    use switchboard_store::testing::TestDatabase;
+    use switchboard_store::{NewRoom, NewUser, RoomKind, UserRole};
+
+    fn msg(room: i64, user: i64, cmid: Option<&str>, text: &str) -> NewMessage {
+        NewMessage {
+            room_id: room,
+            user_id: user,
+            client_msg_id: cmid.map(str::to_string),
+            text: text.to_string(),
+            reply_to: None,
+        }
+    }
+
+    /// Writes reported as failed are found in the store, if and only if they committed, and
+    /// delivered in offset order below what the next write broadcasts.
+    #[tokio::test]
+    async fn unconfirmed_writes_that_committed_are_found_and_delivered() {
+        let db = TestDatabase::sqlite();
+        let store = db.open().await;
+        let user = store
+            .create_user(NewUser {
+                username: "u".into(),
+                password_hash: String::new(),
+                display_name: "u".into(),
+                role: UserRole::User,
+            })
+            .await
+            .unwrap()
+            .id;
+        let mut rooms = Vec::new();
+        for name in ["a", "b"] {
+            let r = store
+                .create_room(NewRoom {
+                    kind: RoomKind::Public,
+                    name: name.into(),
+                    created_by: user,
+                })
+                .await
+                .unwrap();
+            rooms.push(r.id);
+        }
+        let (a, b) = (rooms[0], rooms[1]);
+        let append = |m: NewMessage| {
+            let store = store.clone();
+            async move { store.append_messages(vec![m]).await.remove(0).unwrap() }
+        };
+        append(msg(a, user, Some("old"), "already delivered")).await;
+
+        // A batch that "failed": two of its messages committed (one without an id), one not.
+        let mut unconfirmed = Unconfirmed::default();
+        let failed = [
+            msg(a, user, Some("x1"), "committed"),
+            msg(a, user, None, "committed, no id"),
+            msg(a, user, Some("x3"), "never committed"),
+            msg(b, user, Some("y1"), "committed in b"),
+        ];
+        for m in &failed {
+            unconfirmed.add(m.room_id, Key::of_message(m));
+        }
+        for m in [&failed[0], &failed[1], &failed[3]] {
+            append(msg(
+                m.room_id,
+                m.user_id,
+                m.client_msg_id.as_deref(),
+                &m.text,
+            ))
+            .await;
+        }
+        // The next write: a new message in room a at offset 4 (b is not in it).
+        let next = append(msg(a, user, Some("new"), "next")).await;
+        assert_eq!(next.message.offset, 4);
+
+        let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::default());
+        let first = HashMap::from([(a, next.message.offset)]);
+        let mut delivered = unconfirmed.resolve(&*store, &broker, &first).await;
+        delivered.sort();
+        assert_eq!(delivered, vec![(a, 2), (a, 3), (b, 1)]);
+        assert!(unconfirmed.is_empty());
+        assert_eq!(unconfirmed.count, 0);
+
+        // Keys match only their own event.
+        let old = store.events(a, 0, 1).await.unwrap().remove(0);
+        assert!(!Key::of_message(&failed[0]).matches(&old));
+        assert!(Key::of_message(&msg(a, user, Some("old"), "")).matches(&old));
+        store.close().await;
     }
 }
