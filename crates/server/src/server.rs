@@ -99,12 +99,14 @@ async fn refuse_bodies(limit: usize, req: Request, next: axum::middleware::Next)
     resp
 }
 
-/// How long a store call waits for a database connection before it fails with "unavailable"
-/// (clients: the temporary error 100; REST: 503). When the database is down, sqlx keeps
-/// retrying a refused connection until this runs out, and the chat writer, which commits
-/// every send, waits with it: short enough that a send is answered well before an SDK's 5 s
-/// command timeout, long enough for a busy pool.
-const STORE_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
+/// PostgreSQL: how long a store call waits for a database connection before it fails with
+/// "unavailable" (clients: the temporary error 100; REST: 503). When the database is down,
+/// sqlx keeps retrying a refused connection until this runs out, and the chat writer, which
+/// commits every send, waits with it: short enough that a send is answered well before an
+/// SDK's 5 s command timeout, long enough for a busy pool. SQLite keeps the store's default
+/// (5 s): its one writer connection is shared by every write, so waiting for it is queueing,
+/// not an outage, and a slow disk can hold it for more than a second (seen in the soak).
+const PG_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long `/readyz` waits for the database's answer before it reports it unavailable.
 const READY_PING_TIMEOUT: Duration = Duration::from_secs(1);
@@ -312,10 +314,10 @@ impl Server {
         warn_insecure(&config, &secrets);
         prepare_data_dir(&config)?;
         let url = config.database_url();
-        let options = switchboard_store::StoreOptions {
-            acquire_timeout: STORE_ACQUIRE_TIMEOUT,
-            ..Default::default()
-        };
+        let mut options = switchboard_store::StoreOptions::default();
+        if url.starts_with("postgres") {
+            options.acquire_timeout = PG_ACQUIRE_TIMEOUT;
+        }
         let store = switchboard_store::open_with(&url, &options)
             .await
             .map_err(|e| anyhow::anyhow!("cannot open the database: {e}"))?;
