@@ -96,20 +96,24 @@ pub fn doc_session<'a>(
     }
     doc.fan_out();
     let mut persisted: Vec<Vec<u8>> = doc.take_unpersisted().into_iter().collect();
-    let text = match read_content(&doc, Format::Text) {
-        Content::Text(t) => t,
-        _ => unreachable!("asked for text"),
-    };
-    let _ = read_content(&doc, Format::Json);
-    let _ = read_content(&doc, Format::Update);
-    // `POST /v1/documents/{id}/updates` with `{"text": ...}`: `Collab::append_text`.
-    let edited = doc.change_text(TEXT_NAME, |txn, t| {
-        use yrs::Text;
-        let len = t.len(txn);
-        t.insert(txn, len, "!");
-    });
-    if matches!(edited, Ok(Applied::Changed)) {
-        persisted.extend(doc.take_unpersisted());
+    let mut text = String::new();
+    // A closed document is never read or edited again: `Collab::open` loads a fresh copy.
+    if !doc.lock().closed {
+        text = match read_content(&doc, Format::Text) {
+            Content::Text(t) => t,
+            _ => unreachable!("asked for text"),
+        };
+        let _ = read_content(&doc, Format::Json);
+        let _ = read_content(&doc, Format::Update);
+        // `POST /v1/documents/{id}/updates` with `{"text": ...}`: `Collab::append_text`.
+        let edited = doc.change_text(TEXT_NAME, |txn, t| {
+            use yrs::Text;
+            let len = t.len(txn);
+            t.insert(txn, len, "!");
+        });
+        if matches!(edited, Ok(Applied::Changed)) {
+            persisted.extend(doc.take_unpersisted());
+        }
     }
     doc.leave(1);
     doc.fan_out();
@@ -143,18 +147,10 @@ fn handle(
             sink.send(&doc.step2(&sv));
             Ok(())
         }
-        Incoming::SyncStep2(update) | Incoming::Update(update) => match {
+        Incoming::SyncStep2(update) | Incoming::Update(update) => {
             *gap |= doc.read(|d| clock_gap(&d.transact().state_vector(), &update));
-            doc.apply(update)
-        } {
-            Ok(Applied::Changed) => {
-                doc.fan_out_or_schedule(config.max_tick);
-                Ok(())
-            }
-            Ok(Applied::Unchanged) => Ok(()),
-            Err(ApplyError::Invalid) => Err(codec::CLOSE_MALFORMED),
-            Err(ApplyError::Closed) => Err(codec::CLOSE_UNAVAILABLE),
-        },
+            apply(doc, update, config)
+        }
         Incoming::Awareness(update) => {
             if *awareness_left == 0 {
                 return Err(codec::CLOSE_FLOOD);
@@ -173,6 +169,19 @@ fn handle(
             Ok(())
         }
         Incoming::Auth => Ok(()),
+    }
+}
+
+/// `Document::apply` and what `DocConnection::handle` does with its outcome.
+fn apply(doc: &Arc<Document>, update: yrs::Update, config: &CollabConfig) -> Result<(), CloseCode> {
+    match doc.apply(update) {
+        Ok(Applied::Changed) => {
+            doc.fan_out_or_schedule(config.max_tick);
+            Ok(())
+        }
+        Ok(Applied::Unchanged) => Ok(()),
+        Err(ApplyError::Invalid) => Err(codec::CLOSE_MALFORMED),
+        Err(ApplyError::Closed) => Err(codec::CLOSE_UNAVAILABLE),
     }
 }
 
@@ -282,5 +291,22 @@ mod tests {
         let (reloaded, _) = reload(persisted.persisted.iter().map(Vec::as_slice));
         let t = reloaded.get_or_insert_text(TEXT_NAME);
         assert_eq!(t.get_string(&reloaded.transact()), "", "lost on reload");
+    }
+
+    /// Regression (found by the `ywebsocket` target): this sync step 2 leaves a pending
+    /// update that yrs cannot merge back, and every later `encode_state_as_update` (the next
+    /// client's step 2, `GET .../content?format=update`, versions) panicked under the
+    /// document's lock. Now the update closes the document when it is applied.
+    #[test]
+    fn an_update_whose_pending_part_cannot_be_encoded_closes_the_document() {
+        let step2: &[u8] = &[
+            0, 1, 37, 1, 3, 32, 129, 111, 114, 108, 162, 187, 249, 255, 252, 193, 193, 223, 24, 0,
+            2, 21, 1, 1, 4, 116, 0, 2, 113, 149, 0, 0, 35, 0, 0, 0, 0, 1, 10, 2,
+        ];
+        let report = doc_session([step2], &CollabConfig::default());
+        assert!(report.document_closed);
+        assert_eq!(report.close, Some(codec::CLOSE_MALFORMED));
+        // The document's lock is not poisoned: what the session did after still ran.
+        assert!(!report.state_vector.is_empty());
     }
 }
