@@ -460,9 +460,9 @@ fn websocket_url(base_url: &str) -> anyhow::Result<String> {
     Ok(url.to_string())
 }
 
-struct Account {
-    id: i64,
-    token: String,
+pub(crate) struct Account {
+    pub(crate) id: i64,
+    pub(crate) token: String,
 }
 
 #[derive(Deserialize)]
@@ -482,7 +482,7 @@ struct RoomReply {
 }
 
 /// Registers (or reuses) and logs in users `0..n`, `setup_concurrency` at a time.
-async fn create_accounts(
+pub(crate) async fn create_accounts(
     http: &reqwest::Client,
     base: &str,
     args: &ChatArgs,
@@ -546,7 +546,7 @@ async fn account(
 
 /// Creates one private room per `args.users` accounts: the first creates it, with the others
 /// as members. Returns the room ids in order.
-async fn create_rooms(
+pub(crate) async fn create_rooms(
     http: &reqwest::Client,
     base: &str,
     args: &ChatArgs,

@@ -133,15 +133,19 @@ impl Dialer {
     }
 
     pub(crate) fn token(&self, i: usize) -> anyhow::Result<String> {
-        let sub = format!("bench-{i}");
-        let exp = now_ns() / 1_000_000_000 + TOKEN_TTL_S;
+        self.token_for(&format!("bench-{i}"), TOKEN_TTL_S)
+    }
+
+    /// A connection token for user `sub` that expires in `ttl_s` seconds.
+    pub(crate) fn token_for(&self, sub: &str, ttl_s: u64) -> anyhow::Result<String> {
+        let exp = now_ns() / 1_000_000_000 + ttl_s;
         let key = self
             .key
             .as_ref()
             .ok_or_else(|| anyhow!("no secret to mint connection tokens with"))?;
         Ok(jsonwebtoken::encode(
             &Header::default(),
-            &Claims { sub: &sub, exp },
+            &Claims { sub, exp },
             key,
         )?)
     }

@@ -59,7 +59,7 @@ use crate::{procfs, round3};
 /// Read chunk per connection (see `fanout`: tungstenite zero-fills it on every read).
 const READ_BUFFER: usize = 4096;
 /// The shared type every connection edits. Switchboard's `content` endpoint reads this one.
-const TEXT: &str = "content";
+pub(crate) const TEXT: &str = "content";
 /// From TCP connect until the server's step2 arrived.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a writer waits for the server to confirm that it has integrated its edits.
@@ -234,7 +234,7 @@ const MSG_SYNC: u64 = 0;
 /// Sync message subtypes.
 const SYNC_STEP1: u8 = 0;
 const SYNC_STEP2: u8 = 1;
-const SYNC_UPDATE: u8 = 2;
+pub(crate) const SYNC_UPDATE: u8 = 2;
 
 /// One received frame, as far as the bench cares. Payloads borrow from the frame.
 #[derive(Debug, PartialEq, Eq)]
@@ -317,13 +317,13 @@ fn step1_of(doc: &Doc) -> Message {
 }
 
 /// Our step2: what the server lacks, given its state vector.
-fn step2_for(doc: &Doc, server_sv: &[u8]) -> anyhow::Result<Message> {
+pub(crate) fn step2_for(doc: &Doc, server_sv: &[u8]) -> anyhow::Result<Message> {
     let sv = StateVector::decode_v1(server_sv).context("bad state vector in step1")?;
     let diff = doc.transact().encode_state_as_update_v1(&sv);
     Ok(Message::binary(sync_frame(SYNC_STEP2, &diff)))
 }
 
-fn apply(doc: &Doc, update: &[u8]) -> anyhow::Result<()> {
+pub(crate) fn apply(doc: &Doc, update: &[u8]) -> anyhow::Result<()> {
     let update = Update::decode_v1(update).context("bad update")?;
     doc.transact_mut()
         .apply_update(update)
@@ -678,7 +678,7 @@ fn closed_by_server(
 
 /// Opens connection `i` to `url` and syncs `doc` with the server: sends step1, answers the
 /// server's step1, and returns once the server's step2 is integrated.
-async fn join(dialer: &Dialer, i: usize, url: &str, doc: &Doc) -> anyhow::Result<Ws> {
+pub(crate) async fn join(dialer: &Dialer, i: usize, url: &str, doc: &Doc) -> anyhow::Result<Ws> {
     join_until(dialer, i, url, doc, |_| true)
         .await
         .map(|(ws, _)| ws)
@@ -776,7 +776,7 @@ async fn await_echo(ws: &mut Ws, doc: &Doc, client: u64, clock: u32) -> anyhow::
 
 /// Inserts `chars` ASCII characters at the end of `doc`'s text in one transaction and returns
 /// the update.
-fn append_text(doc: &Doc, chars: u32) -> Vec<u8> {
+pub(crate) fn append_text(doc: &Doc, chars: u32) -> Vec<u8> {
     let text = doc.get_or_insert_text(TEXT);
     let mut txn = doc.transact_mut();
     let len = text.len(&txn);

@@ -14,6 +14,9 @@
 //! - [`docs`]: E editors on one collaborative document over y-websocket (binary Yjs sync
 //!   messages, not Centrifugo). Measures edit propagation latency, server CPU, memory per
 //!   loaded document and the load time of a large document, and checks convergence.
+//! - [`soak`]: a long, steady mix of the above (idle subscribers with fan-out, chat rooms,
+//!   edited documents) while the server process is sampled; the verdict is "flat line"
+//!   (memory, open files and threads stop growing, nothing is lost).
 //! - `client`: dials one bench connection (source address, WebSocket, `connect` handshake, or
 //!   the bare upgrade for `docs`) and sends request/reply commands during setup.
 //! - `wire`: the cheap receive path. It splits frames into lines and finds `"t":` by byte search.
@@ -33,6 +36,7 @@ pub mod conns;
 pub mod docs;
 pub mod fanout;
 mod procfs;
+pub mod soak;
 mod stats;
 mod wire;
 
@@ -40,6 +44,7 @@ pub use chat::{ChatArgs, ChatReport};
 pub use conns::{ConnsArgs, ConnsReport};
 pub use docs::{DocsArgs, DocsReport};
 pub use fanout::{FanoutArgs, FanoutReport, LatencySummary};
+pub use soak::{SoakArgs, SoakReport};
 
 /// Where the server is and how to authenticate to it. Shared by every scenario.
 #[derive(clap::Args, Debug, Clone)]
@@ -72,6 +77,10 @@ pub enum BenchCommand {
     /// E editors typing into one shared document (y-websocket), plus optional memory-per-document
     /// and large-document load phases. Reports propagation latency, convergence and server cost.
     Docs(DocsArgs),
+    /// A long mixed load (15,000 connections: idle subscribers with fan-out, chat rooms,
+    /// edited documents) while the server's RSS, open files, threads and gauges are sampled.
+    /// Reports the time series and a flat-line verdict.
+    Soak(SoakArgs),
 }
 
 /// Runs one scenario and prints its report as one JSON line on stdout.
@@ -84,6 +93,7 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Fanout(args) => fanout::run(args).await.map(|r| serde_json::to_string(&r)),
         BenchCommand::Chat(args) => chat::run(args).await.map(|r| serde_json::to_string(&r)),
         BenchCommand::Docs(args) => docs::run(args).await.map(|r| serde_json::to_string(&r)),
+        BenchCommand::Soak(args) => soak::run(args).await.map(|r| serde_json::to_string(&r)),
     };
     // Flatten the context chain into one message: callers may print only the outermost layer.
     let line = report.map_err(|e| anyhow::anyhow!("{e:#}"))??;

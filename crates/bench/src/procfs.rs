@@ -113,6 +113,22 @@ pub(crate) fn rss_kb(pid: Option<u32>) -> Option<u64> {
     parse_vm_rss_kb(&fs::read_to_string(proc_path(pid, "status")).ok()?)
 }
 
+/// `Threads` from the text of `/proc/PID/status`.
+pub(crate) fn parse_threads(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("Threads:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Threads of `pid`, or of this process for `None`.
+pub(crate) fn threads(pid: Option<u32>) -> Option<u64> {
+    parse_threads(&fs::read_to_string(proc_path(pid, "status")).ok()?)
+}
+
+/// Open file descriptors of `pid` (entries of `/proc/PID/fd`), or of this process for `None`.
+pub(crate) fn fd_count(pid: Option<u32>) -> Option<u64> {
+    Some(fs::read_dir(proc_path(pid, "fd")).ok()?.count() as u64)
+}
+
 /// User plus system CPU seconds used so far by `pid`, or by this process for `None`.
 pub(crate) fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
     let ticks = parse_cpu_ticks(&fs::read_to_string(proc_path(pid, "stat")).ok()?)?;
@@ -204,6 +220,17 @@ mod tests {
     fn cpu_ticks_of_this_process() {
         assert!(cpu_seconds(None).is_some());
         assert!(rss_kb(None).unwrap() > 0);
+        assert!(threads(None).unwrap() >= 1);
+        assert!(fd_count(None).unwrap() >= 3);
+    }
+
+    #[test]
+    fn thread_count() {
+        assert_eq!(
+            parse_threads("Name:\tx\nThreads:\t17\nVmRSS:\t1 kB\n"),
+            Some(17)
+        );
+        assert_eq!(parse_threads("Name:\tx\n"), None);
     }
 
     #[test]

@@ -163,6 +163,7 @@ async fn fanout_against_mock() {
         channel: "bench".into(),
         concurrency: 8,
         stalled: 0,
+        publish_url: None,
     })
     .await
     .unwrap();

@@ -9,12 +9,22 @@
 //! **Overflow policy:** the queue holds [`QUEUE`] jobs; a sender waits for room (backpressure
 //! onto that client's connection task), so nothing is dropped.
 //! **Durability:** a sender is answered after its transaction committed.
+//! **Database unavailable:** a batch that fails with `Unavailable` (the store waited its
+//! acquire timeout for a connection, or lost it) also fails everything queued behind it at
+//! once, so a send is answered within about one attempt while the database is away.
+//! Such a batch may still have committed (the connection dropped while COMMIT was in
+//! flight): its senders' retries then come back as duplicates, which are not broadcast, and
+//! live subscribers would skip those offsets. The writer remembers what it could not
+//! confirm ([`Unconfirmed`]) and, after its next successful write, finds in the store what
+//! did commit and broadcasts it before anything newer in those rooms. (This relies on being
+//! the only writer of its rooms, as on a single node.)
 //! **Moderation:** after a batch is broadcast, its new messages (and each edit) are offered
 //! to the moderation queue with a non-blocking `try_reserve`; a full queue drops the check
 //! (counted), so moderation never delays a send (see [`crate::moderation`]).
 //! **Mentions:** likewise, after the broadcast, new messages containing `@` are offered to
 //! the mention queue (`try_reserve`, never waited on; see [`crate::notify`]).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -55,6 +65,7 @@ pub(crate) async fn run(
     mentions: MentionQueue,
 ) {
     let mut pending: Option<Job> = None;
+    let mut unconfirmed = Unconfirmed::default();
     loop {
         let first = match pending.take() {
             Some(j) => j,
@@ -69,8 +80,16 @@ pub(crate) async fn run(
         };
         match first {
             Job::Event(event, reply) => {
+                let key = (event.room_id, Key::of_event(&event));
                 let result = store.append_event(event).await;
+                if let Err(StoreError::Unavailable(_)) = &result {
+                    unconfirmed.add(key.0, key.1);
+                }
                 if let Ok(e) = &result {
+                    if !unconfirmed.is_empty() {
+                        let first = HashMap::from([(e.room_id, e.offset)]);
+                        unconfirmed.resolve(&*store, &broker, &first).await;
+                    }
                     broadcast(&broker, e).await;
                     if let (Some(q), EventKind::Edit, Some(m)) = (&moderation, e.kind, &e.message) {
                         q.offer(m, Instant::now(), true);
@@ -94,9 +113,30 @@ pub(crate) async fn run(
                         Err(_) => break,
                     }
                 }
+                // Kept in case the commit's outcome cannot be known (see `Unconfirmed`).
+                let keys: Vec<(i64, Key)> = batch
+                    .iter()
+                    .map(|m| (m.room_id, Key::of_message(m)))
+                    .collect();
                 // Checks every sender's membership, mute and ban in the same transaction.
                 let results = store.append_sends(batch).await;
                 let committed = Instant::now();
+                let unavailable = !results.is_empty()
+                    && results
+                        .iter()
+                        .all(|r| matches!(r, Err(StoreError::Unavailable(_))));
+                if unavailable {
+                    for (room, key) in keys {
+                        unconfirmed.add(room, key);
+                    }
+                } else if !unconfirmed.is_empty() {
+                    let mut first: HashMap<i64, i64> = HashMap::new();
+                    for r in results.iter().flatten().filter(|r| !r.duplicate) {
+                        let at = first.entry(r.message.room_id).or_insert(r.message.offset);
+                        *at = (*at).min(r.message.offset);
+                    }
+                    unconfirmed.resolve(&*store, &broker, &first).await;
+                }
                 for r in results.iter().flatten() {
                     if !r.duplicate {
                         broadcast(&broker, &events::message_event(&r.message)).await;
@@ -114,10 +154,181 @@ pub(crate) async fn run(
                 for (reply, result) in replies.into_iter().zip(results) {
                     let _ = reply.send(result);
                 }
+                if unavailable {
+                    fail_queued(&mut rx, &mut pending);
+                }
             }
         }
     }
     tracing::debug!("chat writer stopped");
+}
+
+/// Most writes [`Unconfirmed`] remembers; past it, more are dropped (and logged).
+const UNCONFIRMED_MAX: usize = 4096;
+
+/// What identifies a write in the store once it has committed.
+#[derive(Debug, PartialEq, Eq)]
+enum Key {
+    /// A message by its sender's `client_msg_id`, unique per user; without one, by its text.
+    Message {
+        user_id: i64,
+        client_msg_id: Option<String>,
+        text: Option<String>,
+    },
+    Event {
+        kind: EventKind,
+        message_id: i64,
+        user_id: i64,
+    },
+}
+
+impl Key {
+    fn of_message(m: &NewMessage) -> Key {
+        Key::Message {
+            user_id: m.user_id,
+            client_msg_id: m.client_msg_id.clone(),
+            // Only keyless messages need their text to be recognised.
+            text: m.client_msg_id.is_none().then(|| m.text.clone()),
+        }
+    }
+
+    fn of_event(e: &NewEvent) -> Key {
+        Key::Event {
+            kind: e.kind,
+            message_id: e.message_id,
+            user_id: e.user_id,
+        }
+    }
+
+    fn matches(&self, e: &RoomEvent) -> bool {
+        match self {
+            Key::Message {
+                user_id,
+                client_msg_id,
+                text,
+            } => {
+                e.kind == EventKind::Message
+                    && e.user_id == *user_id
+                    && e.message.as_ref().is_some_and(|m| match client_msg_id {
+                        Some(id) => m.client_msg_id.as_deref() == Some(id.as_str()),
+                        None => text.as_deref() == Some(m.text.as_str()),
+                    })
+            }
+            Key::Event {
+                kind,
+                message_id,
+                user_id,
+            } => e.kind == *kind && e.message_id == *message_id && e.user_id == *user_id,
+        }
+    }
+}
+
+/// Writes that failed as `Unavailable` and may nevertheless have committed, by room.
+#[derive(Default)]
+struct Unconfirmed {
+    rooms: HashMap<i64, Vec<Key>>,
+    count: usize,
+}
+
+impl Unconfirmed {
+    fn is_empty(&self) -> bool {
+        self.rooms.is_empty()
+    }
+
+    fn add(&mut self, room: i64, key: Key) {
+        if self.count >= UNCONFIRMED_MAX {
+            tracing::warn!(
+                room,
+                "chat writer: too many unconfirmed writes; not tracking this one"
+            );
+            return;
+        }
+        self.count += 1;
+        self.rooms.entry(room).or_default().push(key);
+    }
+
+    /// Called after a write succeeded (so the database answers again), before its results
+    /// are broadcast. `first` holds, per room, the lowest offset that write is about to
+    /// broadcast. Since nothing was written between the failed writes and this one, what
+    /// committed of them is among the room's last events below that offset (or below its
+    /// top, for rooms the write did not touch): those that match are broadcast, in offset
+    /// order. A room whose lookup fails stays for the next time. Returns the (room, offset)
+    /// of each event it broadcast.
+    async fn resolve(
+        &mut self,
+        store: &dyn Store,
+        broker: &Arc<dyn Broker>,
+        first: &HashMap<i64, i64>,
+    ) -> Vec<(i64, i64)> {
+        let mut delivered = Vec::new();
+        let rooms: Vec<i64> = self.rooms.keys().copied().collect();
+        for room in rooms {
+            let keys = &self.rooms[&room];
+            let bound = match first.get(&room) {
+                Some(&offset) => Ok(offset),
+                None => store.room_position(room).await.map(|p| p.offset + 1),
+            };
+            let found = match bound {
+                Ok(bound) => store.events_before(room, bound, keys.len() as u32).await,
+                Err(e) => Err(e),
+            };
+            match found {
+                Ok(events) => {
+                    let mut sent = 0usize;
+                    for e in events.iter().filter(|e| keys.iter().any(|k| k.matches(e))) {
+                        broadcast(broker, e).await;
+                        delivered.push((room, e.offset));
+                        sent += 1;
+                    }
+                    if sent > 0 {
+                        tracing::info!(
+                            room,
+                            sent,
+                            "chat writer: broadcast writes that committed although their \
+                             transaction reported an error"
+                        );
+                    }
+                    let n = self.rooms.remove(&room).map_or(0, |k| k.len());
+                    self.count -= n;
+                }
+                // The room is gone: nothing to deliver.
+                Err(StoreError::NotFound) => {
+                    let n = self.rooms.remove(&room).map_or(0, |k| k.len());
+                    self.count -= n;
+                }
+                Err(e) => {
+                    tracing::warn!(room, error = %e, "chat writer: cannot check unconfirmed writes yet");
+                }
+            }
+        }
+        delivered
+    }
+}
+
+/// After a batch failed because the database is unavailable: answers every job that queued
+/// meanwhile with `Unavailable` at once (clients get the temporary error 100 and retry), so
+/// no send waits out one failing attempt after another behind the single writer. The next
+/// job to arrive tries the database again.
+fn fail_queued(rx: &mut mpsc::Receiver<Job>, pending: &mut Option<Job>) {
+    let why = || StoreError::Unavailable("the database is unavailable; retry later".into());
+    let mut failed = 0usize;
+    while let Some(job) = pending.take().or_else(|| rx.try_recv().ok()) {
+        failed += 1;
+        match job {
+            Job::Message(_, reply) => {
+                let _ = reply.send(Err(why()));
+            }
+            Job::Event(_, reply) => {
+                let _ = reply.send(Err(why()));
+            }
+        }
+    }
+    if failed > 0 {
+        tracing::debug!(
+            failed,
+            "chat writer: failed the queued writes while the database is unavailable"
+        );
+    }
 }
 
 async fn broadcast(broker: &Arc<dyn Broker>, e: &RoomEvent) {
@@ -125,5 +336,97 @@ async fn broadcast(broker: &Arc<dyn Broker>, e: &RoomEvent) {
     if let Err(err) = broker.broadcast(&channel, events::publication(e)).await {
         // Stored but not delivered live: subscribers recover it from the store.
         tracing::warn!(channel, error = %err, "broadcast failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchboard_hub::MemoryBroker;
+    use switchboard_store::testing::TestDatabase;
+    use switchboard_store::{NewRoom, NewUser, RoomKind, UserRole};
+
+    fn msg(room: i64, user: i64, cmid: Option<&str>, text: &str) -> NewMessage {
+        NewMessage {
+            room_id: room,
+            user_id: user,
+            client_msg_id: cmid.map(str::to_string),
+            text: text.to_string(),
+            reply_to: None,
+        }
+    }
+
+    /// Writes reported as failed are found in the store, if and only if they committed, and
+    /// delivered in offset order below what the next write broadcasts.
+    #[tokio::test]
+    async fn unconfirmed_writes_that_committed_are_found_and_delivered() {
+        let db = TestDatabase::sqlite();
+        let store = db.open().await;
+        let user = store
+            .create_user(NewUser {
+                username: "u".into(),
+                password_hash: String::new(),
+                display_name: "u".into(),
+                role: UserRole::User,
+            })
+            .await
+            .unwrap()
+            .id;
+        let mut rooms = Vec::new();
+        for name in ["a", "b"] {
+            let r = store
+                .create_room(NewRoom {
+                    kind: RoomKind::Public,
+                    name: name.into(),
+                    created_by: user,
+                })
+                .await
+                .unwrap();
+            rooms.push(r.id);
+        }
+        let (a, b) = (rooms[0], rooms[1]);
+        let append = |m: NewMessage| {
+            let store = store.clone();
+            async move { store.append_messages(vec![m]).await.remove(0).unwrap() }
+        };
+        append(msg(a, user, Some("old"), "already delivered")).await;
+
+        // A batch that "failed": two of its messages committed (one without an id), one not.
+        let mut unconfirmed = Unconfirmed::default();
+        let failed = [
+            msg(a, user, Some("x1"), "committed"),
+            msg(a, user, None, "committed, no id"),
+            msg(a, user, Some("x3"), "never committed"),
+            msg(b, user, Some("y1"), "committed in b"),
+        ];
+        for m in &failed {
+            unconfirmed.add(m.room_id, Key::of_message(m));
+        }
+        for m in [&failed[0], &failed[1], &failed[3]] {
+            append(msg(
+                m.room_id,
+                m.user_id,
+                m.client_msg_id.as_deref(),
+                &m.text,
+            ))
+            .await;
+        }
+        // The next write: a new message in room a at offset 4 (b is not in it).
+        let next = append(msg(a, user, Some("new"), "next")).await;
+        assert_eq!(next.message.offset, 4);
+
+        let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::default());
+        let first = HashMap::from([(a, next.message.offset)]);
+        let mut delivered = unconfirmed.resolve(&*store, &broker, &first).await;
+        delivered.sort();
+        assert_eq!(delivered, vec![(a, 2), (a, 3), (b, 1)]);
+        assert!(unconfirmed.is_empty());
+        assert_eq!(unconfirmed.count, 0);
+
+        // Keys match only their own event.
+        let old = store.events(a, 0, 1).await.unwrap().remove(0);
+        assert!(!Key::of_message(&failed[0]).matches(&old));
+        assert!(Key::of_message(&msg(a, user, Some("old"), "")).matches(&old));
+        store.close().await;
     }
 }

@@ -215,39 +215,6 @@ pub fn handle(node: &Node, payload: &[u8]) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn heartbeats_fit_the_ttl() {
-        assert_eq!(heartbeat_every(Duration::from_secs(15)), MAX_HEARTBEAT);
-        assert_eq!(
-            heartbeat_every(Duration::from_secs(3)),
-            Duration::from_secs(1)
-        );
-    }
-
-    #[test]
-    fn silent_peers_drop_out() {
-        let p = Peers::default();
-        p.nodes.insert(
-            "a".into(),
-            (serde_json::json!({"name": "a"}), Instant::now()),
-        );
-        p.nodes.insert(
-            "b".into(),
-            (
-                serde_json::json!({"name": "b"}),
-                Instant::now() - Duration::from_secs(10),
-            ),
-        );
-        let live = p.live(Duration::from_secs(5));
-        assert_eq!(live.len(), 1);
-        assert_eq!(live[0]["name"], "a");
-    }
-}
-
 /// Topic of a document's relay messages.
 fn doc_topic(doc_id: i64) -> String {
     format!("doc.{doc_id}")
@@ -309,5 +276,38 @@ impl switchboard_collab::Relay for BrokerRelay {
 
     fn send(&self, doc_id: i64, payload: Bytes) -> bool {
         self.tx.try_send((doc_id, payload)).is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeats_fit_the_ttl() {
+        assert_eq!(heartbeat_every(Duration::from_secs(15)), MAX_HEARTBEAT);
+        assert_eq!(
+            heartbeat_every(Duration::from_secs(3)),
+            Duration::from_secs(1)
+        );
+    }
+
+    #[test]
+    fn silent_peers_drop_out() {
+        let p = Peers::default();
+        p.nodes.insert(
+            "a".into(),
+            (serde_json::json!({"name": "a"}), Instant::now()),
+        );
+        p.nodes.insert(
+            "b".into(),
+            (
+                serde_json::json!({"name": "b"}),
+                Instant::now() - Duration::from_secs(10),
+            ),
+        );
+        let live = p.live(Duration::from_secs(5));
+        assert_eq!(live.len(), 1);
+        assert_eq!(live[0]["name"], "a");
     }
 }

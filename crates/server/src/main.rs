@@ -201,10 +201,7 @@ async fn shutdown_signal() {
 
 async fn migrate(args: ConfigArgs) -> Result<(), String> {
     let config = args.load()?;
-    if config.database.is_empty() {
-        std::fs::create_dir_all(&config.data_dir)
-            .map_err(|e| format!("cannot create {}: {e}", config.data_dir.display()))?;
-    }
+    switchboard::server::prepare_data_dir(&config).map_err(|e| e.to_string())?;
     let backend = switchboard_store::migrate(&config.database_url())
         .await
         .map_err(|e| format!("migration failed: {e}"))?;
@@ -229,10 +226,7 @@ async fn admin_create(args: AdminCreateArgs) -> Result<(), String> {
         .unwrap_or(&password)
         .to_string();
     accounts::validate_password(&password)?;
-    if config.database.is_empty() {
-        std::fs::create_dir_all(&config.data_dir)
-            .map_err(|e| format!("cannot create {}: {e}", config.data_dir.display()))?;
-    }
+    switchboard::server::prepare_data_dir(&config).map_err(|e| e.to_string())?;
     let store = switchboard_store::open(&config.database_url())
         .await
         .map_err(|e| format!("cannot open the database: {e}"))?;

@@ -12,6 +12,9 @@ pub struct Metrics {
     pub registry: Registry,
     pub connections: IntGauge,
     pub subscriptions: IntGauge,
+    /// Tasks the node tracks (connections, HTTP connections, workers), set when `/metrics`
+    /// is read: with `connections`, what a leak check compares before and after.
+    pub tasks: IntGauge,
     pub commands: IntCounterVec,
     pub command_seconds: HistogramVec,
     pub slow_disconnects: IntCounter,
@@ -32,6 +35,11 @@ impl Metrics {
         let subscriptions = IntGauge::new(
             "switchboard_subscriptions",
             "Client subscriptions on this node",
+        )
+        .unwrap();
+        let tasks = IntGauge::new(
+            "switchboard_tasks",
+            "Tasks tracked by the node: connections, HTTP connections and workers",
         )
         .unwrap();
         let commands = IntCounterVec::new(
@@ -91,6 +99,7 @@ impl Metrics {
         for m in [
             Box::new(connections.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(subscriptions.clone()),
+            Box::new(tasks.clone()),
             Box::new(commands.clone()),
             Box::new(command_seconds.clone()),
             Box::new(slow_disconnects.clone()),
@@ -115,6 +124,7 @@ impl Metrics {
             registry,
             connections,
             subscriptions,
+            tasks,
             commands,
             command_seconds,
             slow_disconnects,

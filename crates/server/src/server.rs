@@ -99,15 +99,36 @@ async fn refuse_bodies(limit: usize, req: Request, next: axum::middleware::Next)
     resp
 }
 
+/// PostgreSQL: how long a store call waits for a database connection before it fails with
+/// "unavailable" (clients: the temporary error 100; REST: 503). When the database is down,
+/// sqlx keeps retrying a refused connection until this runs out, and the chat writer, which
+/// commits every send, waits with it: short enough that a send is answered well before an
+/// SDK's 5 s command timeout, long enough for a busy pool. SQLite keeps the store's default
+/// (5 s): its one writer connection is shared by every write, so waiting for it is queueing,
+/// not an outage, and a slow disk can hold it for more than a second (seen in the soak).
+const PG_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long `/readyz` waits for the database's answer before it reports it unavailable.
+const READY_PING_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// 503 while shutting down or while the database does not answer (sends would fail with the
+/// temporary error 100 then); `/healthz` stays 200, because a restart would not help.
 async fn readyz(State(node): State<Arc<Node>>) -> Response {
     if node.shutdown.is_cancelled() {
-        (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
-    } else {
-        "ready".into_response()
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
+    }
+    match tokio::time::timeout(READY_PING_TIMEOUT, node.store.ping()).await {
+        Ok(Ok(())) => "ready".into_response(),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "readyz: database unavailable");
+            (StatusCode::SERVICE_UNAVAILABLE, "database unavailable").into_response()
+        }
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "database unavailable").into_response(),
     }
 }
 
 async fn metrics(State(node): State<Arc<Node>>) -> Response {
+    node.metrics.tasks.set(node.tasks.len() as i64);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         node.metrics.render(),
@@ -291,16 +312,13 @@ impl Server {
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
         let addr = listener.local_addr()?;
         warn_insecure(&config, &secrets);
-        if config.database.is_empty() {
-            std::fs::create_dir_all(&config.data_dir).map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot create data directory {}: {e}",
-                    config.data_dir.display()
-                )
-            })?;
-        }
+        prepare_data_dir(&config)?;
         let url = config.database_url();
-        let store = switchboard_store::open(&url)
+        let mut options = switchboard_store::StoreOptions::default();
+        if url.starts_with("postgres") {
+            options.acquire_timeout = PG_ACQUIRE_TIMEOUT;
+        }
+        let store = switchboard_store::open_with(&url, &options)
             .await
             .map_err(|e| anyhow::anyhow!("cannot open the database: {e}"))?;
         let shutdown = tokio_util::sync::CancellationToken::new();
@@ -384,6 +402,22 @@ impl Server {
         }
         self.node.store.close().await;
     }
+}
+
+/// With the default database (SQLite in the data directory): creates the directory and checks
+/// that it is writable, so a read-only or unusable directory stops start-up with a message
+/// naming it instead of a database error later. Used by `serve`, `migrate` and `admin`.
+pub fn prepare_data_dir(config: &Config) -> anyhow::Result<()> {
+    if !config.database.is_empty() {
+        return Ok(());
+    }
+    let dir = &config.data_dir;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| anyhow::anyhow!("cannot create data directory {}: {e}", dir.display()))?;
+    let probe = dir.join(".switchboard-write-check");
+    std::fs::write(&probe, b"")
+        .and_then(|()| std::fs::remove_file(&probe))
+        .map_err(|e| anyhow::anyhow!("data directory {} is not writable: {e}", dir.display()))
 }
 
 fn warn_insecure(config: &Config, secrets: &Secrets) {

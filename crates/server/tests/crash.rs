@@ -23,7 +23,15 @@ fn free_port() -> u16 {
 }
 
 async fn spawn(db_url: &str, data_dir: &std::path::Path, port: u16) -> Child {
-    let child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchboard"));
+    // Every SWITCHBOARD_* variable is a config key to the server (SWITCHBOARD_SKIP_WEB, set
+    // for a build without the web app, would stop it): only the test's own.
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("SWITCHBOARD_") {
+            cmd.env_remove(k);
+        }
+    }
+    let child = cmd
         .arg("serve")
         .env("SWITCHBOARD_LISTEN", format!("127.0.0.1:{port}"))
         .env("SWITCHBOARD_DATA_DIR", data_dir)

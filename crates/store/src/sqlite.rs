@@ -64,6 +64,29 @@ fn connect_options(url: &str) -> Result<SqliteConnectOptions, StoreError> {
     Ok(opts)
 }
 
+/// Keeps the writer connection only if it is out of any transaction.
+///
+/// A transaction dropped without commit queues its ROLLBACK on the connection's worker;
+/// the ping lets it run before we look. When SQLite has already rolled the transaction back
+/// by itself (it does on SQLITE_FULL and some I/O errors), that ROLLBACK fails, sqlx keeps
+/// counting the transaction as open, and every later `BEGIN` on the connection would fail
+/// ("non-zero transaction depth"): with one writer, no write would ever succeed again. Such a
+/// connection is closed instead, and the pool opens a fresh one for the next write.
+async fn release_writer(conn: &mut sqlx::SqliteConnection) -> Result<bool, sqlx::Error> {
+    use sqlx::Connection;
+    if !conn.is_in_transaction() {
+        return Ok(true);
+    }
+    conn.ping().await?;
+    if conn.is_in_transaction() {
+        tracing::warn!(
+            "sqlite: the writer connection is stuck in a failed transaction; reopening it"
+        );
+        return Ok(false);
+    }
+    Ok(true)
+}
+
 fn is_memory(url: &str) -> bool {
     url.contains(":memory:") || url.contains("mode=memory")
 }
@@ -106,6 +129,7 @@ impl SqliteStore {
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(options.acquire_timeout)
+            .after_release(|conn, _| Box::pin(release_writer(conn)))
             .connect_with(opts.clone())
             .await
             .map_err(db_err)?;
