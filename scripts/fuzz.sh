@@ -9,6 +9,10 @@
 # worker: the machine is shared. Needs cargo-fuzz (`cargo install cargo-fuzz`); the stable
 # toolchain works through RUSTC_BOOTSTRAP=1 (cargo fuzz uses nightly-only flags).
 #
+# Memory: -rss_limit_mb=2048 catches memory really used; single allocations are allowed up to
+# $FUZZ_MALLOC_LIMIT_MB (64 GiB) because yrs reserves (without touching) room for declared
+# counts, which costs address space only.
+#
 # Prints each target's executions and whether it crashed; exits non-zero if any did. A
 # crashing input is left in fuzz/artifacts/TARGET/ (git-ignored); reproduce it with
 # `RUSTC_BOOTSTRAP=1 cargo fuzz run TARGET fuzz/artifacts/TARGET/crash-...`.
@@ -53,12 +57,15 @@ for t in "${targets[@]}"; do
   # -jobs=1 runs the fuzzer in a child that writes fuzz-0.log in the current directory.
   cd "$work/logs"
   rm -f fuzz-0.log
+  started=$SECONDS
   set +e
   nice -n 19 cargo fuzz run --fuzz-dir "$repo/fuzz" "$t" "$corpus" -- \
     -max_total_time="$seconds" -jobs=1 -workers=1 -timeout=10 -rss_limit_mb=2048 \
+    -malloc_limit_mb="${FUZZ_MALLOC_LIMIT_MB:-65536}" \
     -print_final_stats=1 -artifact_prefix="$repo/fuzz/artifacts/$t/" >"$log.parent" 2>&1
   rc=$?
   set -e
+  ran=$((SECONDS - started))
   cat "$log.parent" fuzz-0.log >"$log" 2>/dev/null || cp "$log.parent" "$log"
   cd "$repo"
   execs="$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | tail -n 1 | grep -o '[0-9]*$' || true)"
@@ -71,7 +78,7 @@ for t in "${targets[@]}"; do
   else
     verdict="no crash"
   fi
-  line="$t: ${execs:-?} execs in ${seconds}s, $verdict"
+  line="$t: ${execs:-?} execs in ${seconds}s (${ran}s with the build), $verdict"
   echo "$line"
   summary+=("$line")
 done

@@ -9,48 +9,17 @@
 //! to persistence decodes and applies again, and the document rebuilt from them (as
 //! `Collab::load` rebuilds it) has the live document's state vector.
 //!
-//! yrs rejects some hostile input with debug assertions, which the server catches
-//! (`codec::guarded`, `Document::apply`). libFuzzer's panic hook would abort on those, so
-//! this target installs its own hook that only notes the panic (and prints each new
-//! location once), and aborts when a panic gets past the server's code.
+//! Panics inside the server's own guards are allowed (see `guard.rs`).
 #![no_main]
 
-use std::cell::RefCell;
-use std::collections::HashSet;
-use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Mutex, Once};
+#[path = "guard.rs"]
+mod guard;
 
 use libfuzzer_sys::fuzz_target;
 use switchboard_collab::fuzzing::{doc_session, reload};
 use switchboard_collab::CollabConfig;
 use yrs::updates::encoder::Encode;
 use yrs::{ReadTxn, Transact};
-
-thread_local! {
-    static LAST_PANIC: RefCell<String> = const { RefCell::new(String::new()) };
-}
-
-fn install_hook() {
-    static ONCE: Once = Once::new();
-    static SEEN: Mutex<Option<HashSet<String>>> = Mutex::new(None);
-    ONCE.call_once(|| {
-        std::panic::set_hook(Box::new(|info| {
-            let at = info
-                .location()
-                .map_or_else(|| "?".to_string(), |l| format!("{}:{}", l.file(), l.line()));
-            let text = format!("{info}");
-            if SEEN
-                .lock()
-                .unwrap()
-                .get_or_insert_with(HashSet::new)
-                .insert(at.clone())
-            {
-                eprintln!("ywebsocket: panic at {at} (new location): {text}");
-            }
-            LAST_PANIC.with(|p| *p.borrow_mut() = text);
-        }));
-    });
-}
 
 fn frames(mut data: &[u8]) -> Vec<&[u8]> {
     let mut out = Vec::new();
@@ -84,6 +53,11 @@ fn frames(mut data: &[u8]) -> Vec<&[u8]> {
 fn run(data: &[u8]) {
     let config = CollabConfig::default();
     let report = doc_session(frames(data), &config);
+    if report.clock_gap {
+        // A yrs bug (`switchboard_collab::fuzzing::clock_gap`): the live document shows
+        // content that is in no effective update. Known, not fixed here.
+        return;
+    }
     if report.document_closed {
         // The document closed after a CRDT panic: its connections re-sync into a fresh
         // copy loaded from what was persisted, so live and stored may differ.
@@ -98,11 +72,4 @@ fn run(data: &[u8]) {
     );
 }
 
-fuzz_target!(|data: &[u8]| {
-    install_hook();
-    if catch_unwind(AssertUnwindSafe(|| run(data))).is_err() {
-        let last = LAST_PANIC.with(|p| p.borrow().clone());
-        eprintln!("ywebsocket: a panic got past the server's guards: {last}");
-        std::process::abort();
-    }
-});
+fuzz_target!(|data: &[u8]| guard::run_guarded("ywebsocket", || run(data)));

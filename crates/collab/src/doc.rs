@@ -348,16 +348,28 @@ impl Document {
         update: Update,
     ) -> Result<(Vec<u8>, bool, bool), ApplyError> {
         let result = catch_unwind(AssertUnwindSafe(|| {
-            let mut txn = st.doc.transact_mut();
-            let before = txn.has_missing_updates().then(|| parked(&txn));
-            txn.apply_update(update)?;
-            let missing = txn.has_missing_updates();
-            let joined = missing && {
-                let (ins, del) = parked(&txn);
-                let (ins0, del0) = before.unwrap_or_default();
-                !ins.diff(&ins0).is_empty() || !del.diff(&del0).is_empty()
+            let applied = {
+                let mut txn = st.doc.transact_mut();
+                let before = txn.has_missing_updates().then(|| parked(&txn));
+                txn.apply_update(update)?;
+                let missing = txn.has_missing_updates();
+                let joined = missing && {
+                    let (ins, del) = parked(&txn);
+                    let (ins0, del0) = before.unwrap_or_default();
+                    !ins.diff(&ins0).is_empty() || !del.diff(&del0).is_empty()
+                };
+                (txn.encode_update_v1(), missing, joined)
             };
-            Ok::<_, yrs::error::UpdateError>((txn.encode_update_v1(), missing, joined))
+            if applied.1 {
+                // yrs keeps some updates pending that it then cannot merge back: every later
+                // `encode_state_as_update` (sync step 2, versions) panicked on them, under
+                // the document's lock, poisoning it (found by the `ywebsocket` fuzz
+                // target). Encoding from the current state costs only the pending part;
+                // a panic here closes the document like one in `apply_update`.
+                let txn = st.doc.transact();
+                txn.encode_state_as_update_v1(&txn.state_vector());
+            }
+            Ok::<_, yrs::error::UpdateError>(applied)
         }));
         match result {
             Ok(Ok(applied)) => Ok(applied),
