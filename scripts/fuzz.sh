@@ -75,7 +75,7 @@ for t in "${targets[@]}"; do
   if [[ -z "$execs" ]]; then
     execs="$(grep -oE '^#[0-9]+' "$log" | tail -n 1 | tr -d '#' || true)"
   fi
-  if [[ $rc -ne 0 ]] || grep -qE 'ERROR: libFuzzer|==ERROR|panicked at|deadly signal|Test unit written' "$log"; then
+  if [[ $rc -ne 0 ]] || grep -qE 'ERROR: libFuzzer|==ERROR|deadly signal|Test unit written' "$log"; then
     verdict="CRASHED (exit $rc; see $log and fuzz/artifacts/$t/)"
     failed=1
   else
