@@ -262,8 +262,11 @@ impl Document {
             .collect();
         for id in &gone {
             if let Some(a) = st.awareness.remove(id) {
+                // A client may send clock u32::MAX: `+ 1` overflowed (a panic in this
+                // connection's drop, under the lock) or wrapped to 0, a removal every peer
+                // ignores. At an equal clock a removal still wins (y-protocols).
                 st.out_awareness
-                    .insert(*id, (a.clock + 1, Arc::from("null"), true));
+                    .insert(*id, (a.clock.saturating_add(1), Arc::from("null"), true));
             }
         }
         if st.conns.is_empty() {
@@ -547,7 +550,7 @@ impl Document {
         for (id, clock) in &expired {
             st.awareness.remove(id);
             st.out_awareness
-                .insert(*id, (clock + 1, Arc::from("null"), false));
+                .insert(*id, (clock.saturating_add(1), Arc::from("null"), false));
         }
         drop(st);
         if !expired.is_empty() {

@@ -53,6 +53,8 @@ pub struct Report {
     pub clock_gap: bool,
     /// Every message the connection was sent, in order (its own fan-out included).
     pub sent: Vec<Vec<u8>>,
+    /// Every message a second, silent connection was sent (until the end).
+    pub watched: Vec<Vec<u8>>,
     /// The document's state vector (v1) after the session and the server-side edit.
     pub state_vector: Vec<u8>,
     /// What the persistence worker would have written, in order: the session's merged
@@ -75,6 +77,14 @@ pub fn doc_session<'a>(
         sink: sink.clone(),
     });
     assert!(joined, "a fresh document is open");
+    // Another connection, which only watches: it gets the fan-out, and the removals when
+    // the first one leaves.
+    let watcher = Arc::new(Recorder::default());
+    doc.join(ConnEntry {
+        id: 2,
+        user: Arc::from("2"),
+        sink: watcher.clone(),
+    });
     let mut owned = Vec::new();
     let mut awareness_left = config.awareness_burst;
     let mut close = None;
@@ -120,11 +130,13 @@ pub fn doc_session<'a>(
     let state_vector = doc.read(|d| d.transact().state_vector().encode_v1());
     let document_closed = sink.closed.lock().expect("recorder lock").is_some();
     let sent = std::mem::take(&mut *sink.sent.lock().expect("recorder lock"));
+    let watched = std::mem::take(&mut *watcher.sent.lock().expect("recorder lock"));
     Report {
         close,
         document_closed,
         clock_gap: gap,
         sent,
+        watched,
         state_vector,
         persisted,
         text,
@@ -308,5 +320,22 @@ mod tests {
         assert_eq!(report.close, Some(codec::CLOSE_MALFORMED));
         // The document's lock is not poisoned: what the session did after still ran.
         assert!(!report.state_vector.is_empty());
+    }
+
+    /// Regression (found by the `ywebsocket` target): an awareness state at clock u32::MAX
+    /// made leaving overflow `clock + 1` (a panic in the connection's drop, under the
+    /// document's lock). The removal goes out at u32::MAX, which peers still apply.
+    #[test]
+    fn leaving_after_an_awareness_clock_of_u32_max_removes_the_state() {
+        let frame = codec::awareness([(7u64, u32::MAX, r#"{"user":"ann"}"#)].into_iter());
+        let report = doc_session([frame.as_slice()], &CollabConfig::default());
+        assert_eq!(report.close, None);
+        let removal = codec::awareness([(7u64, u32::MAX, "null")].into_iter());
+        assert_eq!(
+            report.watched.last(),
+            Some(&removal),
+            "{:?}",
+            report.watched
+        );
     }
 }
