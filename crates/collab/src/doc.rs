@@ -350,6 +350,7 @@ impl Document {
         st: &mut State,
         update: Update,
     ) -> Result<(Vec<u8>, bool, bool), ApplyError> {
+        let before_sv = st.doc.transact().state_vector();
         let result = catch_unwind(AssertUnwindSafe(|| {
             let applied = {
                 let mut txn = st.doc.transact_mut();
@@ -376,6 +377,20 @@ impl Document {
         }));
         match result {
             Ok(Ok(applied)) => Ok(applied),
+            Ok(Err(_)) if st.doc.transact().state_vector() != before_sv => {
+                // yrs refused the update after integrating part of it, and that part stays:
+                // shown here, but in no effective update, so never persisted or relayed.
+                // Close the document: it reloads from the store, which never had it.
+                tracing::warn!(
+                    doc = self.id,
+                    "update refused after partly applying; closing the document"
+                );
+                st.closed = true;
+                for c in st.conns.iter() {
+                    c.sink.close(codec::CLOSE_UNAVAILABLE);
+                }
+                Err(ApplyError::Invalid)
+            }
             Ok(Err(_)) => Err(ApplyError::Invalid),
             Err(_) => {
                 tracing::error!(

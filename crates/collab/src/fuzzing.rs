@@ -338,4 +338,18 @@ mod tests {
             report.watched
         );
     }
+
+    /// Regression (found by the `ywebsocket` target): yrs refused this update
+    /// (`InvalidParent`: a block whose parent is not a type) after integrating the blocks
+    /// before it, and the transaction kept them: the document showed content it never
+    /// persisted or relayed. Now such a partial apply closes the document (it reloads from
+    /// the store, which never had it).
+    #[test]
+    fn a_partly_applied_invalid_update_closes_the_document() {
+        let input: &[u8] = include_bytes!("../../../fuzz/corpus/ywebsocket/crash-partial-apply");
+        let frame = &input[1..1 + input[0] as usize];
+        let report = doc_session([frame], &CollabConfig::default());
+        assert_eq!(report.close, Some(codec::CLOSE_MALFORMED));
+        assert!(report.document_closed);
+    }
 }
