@@ -25,6 +25,8 @@
 //! the connection task (or a document's lock) down with it. Relay payloads get the same
 //! guarded parsing.
 
+mod layout;
+
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use yrs::encoding::read::{Cursor, Read};
@@ -116,9 +118,9 @@ pub enum Incoming {
     /// "Here is my state vector: send me what I miss."
     SyncStep1(StateVector),
     /// The answer to our step 1: what we miss (an update, possibly empty).
-    SyncStep2(Update),
+    SyncStep2(ClientUpdate),
     /// An incremental edit.
-    Update(Update),
+    Update(ClientUpdate),
     Awareness(AwarenessUpdate),
     QueryAwareness,
     /// Auth messages from a client carry nothing the server acts on.
@@ -172,10 +174,10 @@ pub fn decode(frame: &[u8], max_bytes: usize) -> Result<Incoming, Refused> {
                     }
                     guarded(|| StateVector::decode_v1(body).ok()).map(Incoming::SyncStep1)
                 }
-                SYNC_STEP2 => decode_update(body)
+                SYNC_STEP2 => ClientUpdate::decode(body)
                     .map(Incoming::SyncStep2)
                     .ok_or(Refused::Malformed),
-                SYNC_UPDATE => decode_update(body)
+                SYNC_UPDATE => ClientUpdate::decode(body)
                     .map(Incoming::Update)
                     .ok_or(Refused::Malformed),
                 _ => Err(Refused::Malformed),
@@ -204,6 +206,51 @@ pub fn decode_update(bytes: &[u8]) -> Option<Update> {
         return None;
     }
     guarded(|| Update::decode_v1(bytes).ok()).ok()
+}
+
+/// An update from outside this node (a client, the REST API, a peer node), decoded, with
+/// where its blocks sit: [`ClientUpdate::fit`] gives the part a document can integrate
+/// without the hole that yrs would otherwise make (see [`layout`]).
+#[derive(Debug)]
+pub struct ClientUpdate {
+    update: Update,
+    bytes: Vec<u8>,
+    layout: layout::Layout,
+}
+
+impl ClientUpdate {
+    /// Decodes an update (v1) from untrusted bytes; `None` if it does not decode, or lists
+    /// blocks out of clock order.
+    pub fn decode(bytes: &[u8]) -> Option<ClientUpdate> {
+        let update = decode_update(bytes)?;
+        let layout = guarded(|| layout::Layout::of(bytes)).ok()?;
+        Some(ClientUpdate {
+            update,
+            bytes: bytes.to_vec(),
+            layout,
+        })
+    }
+
+    /// The update as decoded.
+    pub fn update(&self) -> &Update {
+        &self.update
+    }
+
+    /// Whether it carries nothing (no blocks and no deletions).
+    pub fn is_empty(&self) -> bool {
+        self.update.is_empty()
+    }
+
+    /// What a document with state vector `known` can integrate, and whether that is only a
+    /// part: blocks that start past `known`'s clock for their client are cut off, with every
+    /// later block of that client. `None` if the cut update does not decode (it always
+    /// should: it is this update's own bytes).
+    pub(crate) fn fit(self, known: &StateVector) -> Option<(Update, bool)> {
+        match self.layout.fit(&self.bytes, known) {
+            layout::Fit::Whole => Some((self.update, false)),
+            layout::Fit::Trimmed(bytes) => decode_update(&bytes).map(|u| (u, true)),
+        }
+    }
 }
 
 /// A varuint at the start of `bytes`, and its length.
@@ -324,7 +371,7 @@ pub(crate) struct RelayMessage {
 #[derive(Debug)]
 pub(crate) enum RelayBody {
     /// Changes accepted on the origin node (its clients' or server-side edits).
-    Update(Update),
+    Update(ClientUpdate),
     /// Awareness changes of the origin node's connections.
     Awareness(AwarenessUpdate),
     /// "Here is my state vector: send me what I lack."
@@ -333,7 +380,7 @@ pub(crate) enum RelayBody {
     /// lacked; and, when the replier wants the same in return, the replier's own state
     /// vector.
     SyncReply {
-        update: Update,
+        update: ClientUpdate,
         state_vector: Option<StateVector>,
     },
 }
@@ -415,7 +462,7 @@ pub(crate) fn decode_relay(payload: &[u8]) -> Result<RelayMessage, Refused> {
     let (origin, _) = relay_route(payload).ok_or(Refused::Malformed)?;
     let body = &payload[RELAY_HEADER..];
     let body = match payload[9] {
-        RELAY_UPDATE => RelayBody::Update(guarded(|| Update::decode_v1(body).ok())?),
+        RELAY_UPDATE => RelayBody::Update(ClientUpdate::decode(body).ok_or(Refused::Malformed)?),
         RELAY_AWARENESS => RelayBody::Awareness(guarded(|| AwarenessUpdate::decode_v1(body).ok())?),
         RELAY_SYNC_REQUEST => {
             RelayBody::SyncRequest(guarded(|| StateVector::decode_v1(body).ok())?)
@@ -425,7 +472,7 @@ pub(crate) fn decode_relay(payload: &[u8]) -> Result<RelayMessage, Refused> {
             // The target, already read by `relay_route`.
             c.read_exact(8).map_err(|_| Refused::Malformed)?;
             let update = c.read_buf().map_err(|_| Refused::Malformed)?;
-            let update = guarded(|| Update::decode_v1(update).ok())?;
+            let update = ClientUpdate::decode(update).ok_or(Refused::Malformed)?;
             let rest = &body[c.next..];
             let state_vector = if rest.is_empty() {
                 None
@@ -481,6 +528,8 @@ mod tests {
         };
         let doc = Doc::new();
         let text = doc.get_or_insert_text("content");
+        let (update, cut) = update.fit(&StateVector::default()).unwrap();
+        assert!(!cut);
         doc.transact_mut().apply_update(update).unwrap();
         assert_eq!(text.get_string(&doc.transact()), "hello");
         assert!(doc.transact().state_vector().len() == 1);
@@ -579,7 +628,7 @@ mod tests {
             panic!("not an update")
         };
         assert_eq!(
-            update.encode_v1(),
+            update.update().encode_v1(),
             Update::decode_v1(&u).unwrap().encode_v1()
         );
 

@@ -41,7 +41,7 @@ use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
 use yrs::{Doc, IdSet, ReadTxn, StateVector, Transact, Update};
 
-use crate::codec::{self, CloseCode};
+use crate::codec::{self, ClientUpdate, CloseCode};
 use crate::relay::Peers;
 
 /// How much the fan-out tick grows per open connection (see [`Document::tick`]). A write to
@@ -111,11 +111,26 @@ enum Owner {
 const MAX_AWARENESS_STATES: usize = 4096;
 
 /// What an update did to the document.
-pub(crate) enum Applied {
-    /// New content: it was queued for fan-out and persistence.
-    Changed,
-    /// Nothing new (already known, or waiting for missing predecessors).
-    Unchanged,
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Applied {
+    /// New content: it was queued for fan-out and persistence. Otherwise nothing was new
+    /// (already known, or waiting for missing predecessors).
+    pub changed: bool,
+    /// Blocks that start past what the document has of their client were not integrated
+    /// (see [`ClientUpdate::fit`]): whoever sent them has their predecessors and should be
+    /// asked for them.
+    pub cut: bool,
+}
+
+impl Applied {
+    const UNCHANGED: Applied = Applied {
+        changed: false,
+        cut: false,
+    };
+    const CHANGED: Applied = Applied {
+        changed: true,
+        cut: false,
+    };
 }
 
 /// What an update from another node did.
@@ -136,6 +151,9 @@ pub(crate) enum ApplyError {
     Closed,
     /// The CRDT refused the update.
     Invalid,
+    /// Only part of the update continues what the document has, and a whole one was asked
+    /// for; nothing was applied.
+    Gap,
 }
 
 pub(crate) struct State {
@@ -278,43 +296,95 @@ impl Document {
         }
     }
 
-    /// The diff a client with state vector `sv` misses, as sync step 2.
+    /// The server's sync step 1: its state vector, which a client answers with a step 2
+    /// holding everything the server lacks.
+    pub(crate) fn step1(&self) -> Outgoing {
+        let sv = self.lock().doc.transact().state_vector().encode_v1();
+        Outgoing::new(codec::sync_step1(&sv))
+    }
+
+    /// The diff a client with state vector `sv` misses, as sync step 2 (empty if the
+    /// document had to close, see [`Document::encode_state`]).
     pub(crate) fn step2(&self, sv: &StateVector) -> Outgoing {
-        let st = self.lock();
-        let update = st.doc.transact().encode_state_as_update_v1(sv);
+        let mut st = self.lock();
+        let update = self
+            .encode_state(&mut st, sv)
+            .unwrap_or_else(|| Update::EMPTY_V1.to_vec());
         Outgoing::new(codec::sync_step2(&update))
     }
 
+    /// What the document has past `sv`, encoded (v1); `None` if the document is closed, or
+    /// had to close.
+    ///
+    /// yrs merges the updates it keeps pending (blocks whose predecessors are missing) into
+    /// every such encoding, and some that it accepted it cannot merge back: the encoding
+    /// panicked (found by the `ywebsocket` fuzz target: sync step 2, content reads and
+    /// versions all failed, under this lock). A panic here closes the document like one
+    /// while applying: its connections reconnect into a copy reloaded from the store, which
+    /// never had the pending blocks.
+    fn encode_state(&self, st: &mut State, sv: &StateVector) -> Option<Vec<u8>> {
+        if st.closed {
+            return None;
+        }
+        match catch_unwind(AssertUnwindSafe(|| {
+            st.doc.transact().encode_state_as_update_v1(sv)
+        })) {
+            Ok(update) => Some(update),
+            Err(_) => {
+                tracing::error!(
+                    doc = self.id,
+                    "encoding the document panicked the CRDT; closing the document"
+                );
+                self.close_broken(st);
+                None
+            }
+        }
+    }
+
+    /// Closes a document whose CRDT state is not to be trusted: every connection gets a
+    /// transient close, and the next open loads a fresh copy from the store.
+    fn close_broken(&self, st: &mut State) {
+        st.closed = true;
+        for c in st.conns.iter() {
+            c.sink.close(codec::CLOSE_UNAVAILABLE);
+        }
+    }
+
     /// Applies an update and queues its effective part for fan-out (and the relay) and
-    /// persistence.
-    pub(crate) fn apply(&self, update: Update) -> Result<Applied, ApplyError> {
+    /// persistence. With `whole`, an update that only partly continues what the document
+    /// has is refused ([`ApplyError::Gap`]); otherwise that part is applied (see
+    /// [`Applied::cut`]).
+    pub(crate) fn apply(&self, update: ClientUpdate, whole: bool) -> Result<Applied, ApplyError> {
         let mut st = self.lock();
         if st.closed {
             return Err(ApplyError::Closed);
         }
-        let (effective, missing, parked) = self.integrate(&mut st, update)?;
+        let (effective, missing, parked, cut) = self.integrate(&mut st, update, whole)?;
         st.local_pending = (st.local_pending && missing) || parked;
-        if parked && self.peers.is_some() && !st.want_sync {
+        if (parked || cut) && self.peers.is_some() && !st.want_sync {
             // The client knows content this node lacks (it came from another node, say
             // before a reconnect): ask the peers for it.
             st.want_sync = true;
             self.wake.notify_one();
         }
-        if effective == Update::EMPTY_V1 {
-            return Ok(Applied::Unchanged);
+        let changed = effective != Update::EMPTY_V1;
+        if changed {
+            self.queue(&mut st, effective);
         }
-        self.queue(&mut st, effective);
-        Ok(Applied::Changed)
+        Ok(Applied { changed, cut })
     }
 
     /// Applies an update another node accepted: queued for fan-out only (see the module
     /// docs for the one exception, which is then reported as [`Remote::Local`]).
-    pub(crate) fn apply_remote(&self, update: Update) -> Result<Remote, ApplyError> {
+    pub(crate) fn apply_remote(&self, update: ClientUpdate) -> Result<Remote, ApplyError> {
         let mut st = self.lock();
         if st.closed {
             return Err(ApplyError::Closed);
         }
-        let (effective, missing, parked) = self.integrate(&mut st, update)?;
+        // Blocks past this node's clock (a relay message lost or late) wait like missing
+        // predecessors: the peers are asked for what precedes them.
+        let (effective, missing, parked, cut) = self.integrate(&mut st, update, false)?;
+        let parked = parked || cut;
         let was_local_pending = st.local_pending;
         st.local_pending &= missing;
         // Only when this update is what waits: a gap that a sync could not fill (nobody
@@ -340,7 +410,9 @@ impl Document {
     }
 
     /// Integrates an update: its effective part, whether parts of the document now wait
-    /// for missing predecessors, and whether parts of this update joined them.
+    /// for missing predecessors, whether parts of this update joined them, and whether
+    /// blocks were cut off because they would have left a hole (with `whole`, such an
+    /// update is refused instead).
     ///
     /// A panic inside the CRDT library while integrating leaves the document in an unknown
     /// state: the document is then closed (its connections get a transient close, reconnect
@@ -348,35 +420,28 @@ impl Document {
     fn integrate(
         &self,
         st: &mut State,
-        update: Update,
-    ) -> Result<(Vec<u8>, bool, bool), ApplyError> {
+        update: ClientUpdate,
+        whole: bool,
+    ) -> Result<(Vec<u8>, bool, bool, bool), ApplyError> {
         let before_sv = st.doc.transact().state_vector();
+        let (update, cut) = update.fit(&before_sv).ok_or(ApplyError::Invalid)?;
+        if cut && whole {
+            return Err(ApplyError::Gap);
+        }
         let result = catch_unwind(AssertUnwindSafe(|| {
-            let applied = {
-                let mut txn = st.doc.transact_mut();
-                let before = txn.has_missing_updates().then(|| parked(&txn));
-                txn.apply_update(update)?;
-                let missing = txn.has_missing_updates();
-                let joined = missing && {
-                    let (ins, del) = parked(&txn);
-                    let (ins0, del0) = before.unwrap_or_default();
-                    !ins.diff(&ins0).is_empty() || !del.diff(&del0).is_empty()
-                };
-                (txn.encode_update_v1(), missing, joined)
+            let mut txn = st.doc.transact_mut();
+            let before = txn.has_missing_updates().then(|| parked(&txn));
+            txn.apply_update(update)?;
+            let missing = txn.has_missing_updates();
+            let joined = missing && {
+                let (ins, del) = parked(&txn);
+                let (ins0, del0) = before.unwrap_or_default();
+                !ins.diff(&ins0).is_empty() || !del.diff(&del0).is_empty()
             };
-            if applied.1 {
-                // yrs keeps some updates pending that it then cannot merge back: every later
-                // `encode_state_as_update` (sync step 2, versions) panicked on them, under
-                // the document's lock, poisoning it (found by the `ywebsocket` fuzz
-                // target). Encoding from the current state costs only the pending part;
-                // a panic here closes the document like one in `apply_update`.
-                let txn = st.doc.transact();
-                txn.encode_state_as_update_v1(&txn.state_vector());
-            }
-            Ok::<_, yrs::error::UpdateError>(applied)
+            Ok::<_, yrs::error::UpdateError>((txn.encode_update_v1(), missing, joined))
         }));
         match result {
-            Ok(Ok(applied)) => Ok(applied),
+            Ok(Ok((effective, missing, joined))) => Ok((effective, missing, joined, cut)),
             Ok(Err(_)) if st.doc.transact().state_vector() != before_sv => {
                 // yrs refused the update after integrating part of it, and that part stays:
                 // shown here, but in no effective update, so never persisted or relayed.
@@ -385,10 +450,7 @@ impl Document {
                     doc = self.id,
                     "update refused after partly applying; closing the document"
                 );
-                st.closed = true;
-                for c in st.conns.iter() {
-                    c.sink.close(codec::CLOSE_UNAVAILABLE);
-                }
+                self.close_broken(st);
                 Err(ApplyError::Invalid)
             }
             Ok(Err(_)) => Err(ApplyError::Invalid),
@@ -397,10 +459,7 @@ impl Document {
                     doc = self.id,
                     "update panicked the CRDT; closing the document"
                 );
-                st.closed = true;
-                for c in st.conns.iter() {
-                    c.sink.close(codec::CLOSE_UNAVAILABLE);
-                }
+                self.close_broken(st);
                 Err(ApplyError::Invalid)
             }
         }
@@ -425,10 +484,10 @@ impl Document {
             txn.encode_update_v1()
         };
         if effective == Update::EMPTY_V1 {
-            return Ok(Applied::Unchanged);
+            return Ok(Applied::UNCHANGED);
         }
         self.queue(&mut st, effective);
-        Ok(Applied::Changed)
+        Ok(Applied::CHANGED)
     }
 
     fn queue(&self, st: &mut State, effective: Vec<u8>) {
@@ -753,13 +812,12 @@ impl Document {
             return;
         };
         let (diff, own) = {
-            let st = self.lock();
-            if st.closed {
+            let mut st = self.lock();
+            let Some(diff) = self.encode_state(&mut st, sv) else {
                 return;
-            }
-            let txn = st.doc.transact();
-            let own = to_request.then(|| txn.state_vector().encode_v1());
-            (txn.encode_state_as_update_v1(sv), own)
+            };
+            let own = to_request.then(|| st.doc.transact().state_vector().encode_v1());
+            (diff, own)
         };
         if !to_request && diff == Update::EMPTY_V1 {
             return;
@@ -815,12 +873,11 @@ impl Document {
         st.unpersisted.insert(0, update);
     }
 
-    /// The document's whole state as one update.
-    pub(crate) fn state_update(&self) -> Vec<u8> {
-        self.lock()
-            .doc
-            .transact()
-            .encode_state_as_update_v1(&StateVector::default())
+    /// The document's whole state as one update; `None` if the document is closed, or had
+    /// to close (see [`Document::encode_state`]).
+    pub(crate) fn state_update(&self) -> Option<Vec<u8>> {
+        let mut st = self.lock();
+        self.encode_state(&mut st, &StateVector::default())
     }
 
     /// Reads the document.

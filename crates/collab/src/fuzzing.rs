@@ -18,7 +18,7 @@ use yrs::updates::encoder::Encode;
 use yrs::{ReadTxn, Transact};
 
 use crate::codec::{self, CloseCode, Incoming};
-use crate::doc::{Applied, ApplyError, ConnEntry, DocSink, Document, Outgoing};
+use crate::doc::{ApplyError, ConnEntry, DocSink, Document, Outgoing};
 use crate::{read_content, CollabConfig, Content, Format, TEXT_NAME};
 
 /// What the connection was sent, and whether it was closed.
@@ -49,7 +49,8 @@ pub struct Report {
     /// The document closed itself (an update panicked the CRDT): what it holds is not
     /// what it persisted.
     pub document_closed: bool,
-    /// An update started past a client's known clock (see [`clock_gap`]).
+    /// An update started past a client's known clock (see [`clock_gap`]); the server cut
+    /// those blocks off.
     pub clock_gap: bool,
     /// Every message the connection was sent, in order (its own fan-out included).
     pub sent: Vec<Vec<u8>>,
@@ -110,7 +111,7 @@ pub fn doc_session<'a>(
     // A closed document is never read or edited again: `Collab::open` loads a fresh copy.
     if !doc.lock().closed {
         text = match read_content(&doc, Format::Text) {
-            Content::Text(t) => t,
+            Some(Content::Text(t)) => t,
             _ => unreachable!("asked for text"),
         };
         let _ = read_content(&doc, Format::Json);
@@ -121,7 +122,7 @@ pub fn doc_session<'a>(
             let len = t.len(txn);
             t.insert(txn, len, "!");
         });
-        if matches!(edited, Ok(Applied::Changed)) {
+        if edited.is_ok_and(|a| a.changed) {
             persisted.extend(doc.take_unpersisted());
         }
     }
@@ -159,9 +160,13 @@ fn handle(
             sink.send(&doc.step2(&sv));
             Ok(())
         }
-        Incoming::SyncStep2(update) | Incoming::Update(update) => {
-            *gap |= doc.read(|d| clock_gap(&d.transact().state_vector(), &update));
-            apply(doc, update, config)
+        Incoming::SyncStep2(update) => {
+            *gap |= doc.read(|d| clock_gap(&d.transact().state_vector(), update.update()));
+            apply(doc, sink, update, false, config)
+        }
+        Incoming::Update(update) => {
+            *gap |= doc.read(|d| clock_gap(&d.transact().state_vector(), update.update()));
+            apply(doc, sink, update, true, config)
         }
         Incoming::Awareness(update) => {
             if *awareness_left == 0 {
@@ -185,24 +190,34 @@ fn handle(
 }
 
 /// `Document::apply` and what `DocConnection::handle` does with its outcome.
-fn apply(doc: &Arc<Document>, update: yrs::Update, config: &CollabConfig) -> Result<(), CloseCode> {
-    match doc.apply(update) {
-        Ok(Applied::Changed) => {
-            doc.fan_out_or_schedule(config.max_tick);
+fn apply(
+    doc: &Arc<Document>,
+    sink: &Arc<Recorder>,
+    update: codec::ClientUpdate,
+    incremental: bool,
+    config: &CollabConfig,
+) -> Result<(), CloseCode> {
+    match doc.apply(update, false) {
+        Ok(applied) => {
+            if applied.changed {
+                doc.fan_out_or_schedule(config.max_tick);
+            }
+            if applied.cut && incremental {
+                sink.send(&doc.step1());
+            }
             Ok(())
         }
-        Ok(Applied::Unchanged) => Ok(()),
-        Err(ApplyError::Invalid) => Err(codec::CLOSE_MALFORMED),
+        Err(ApplyError::Invalid | ApplyError::Gap) => Err(codec::CLOSE_MALFORMED),
         Err(ApplyError::Closed) => Err(codec::CLOSE_UNAVAILABLE),
     }
 }
 
 /// Whether `update` has blocks of a client that start past the clock `known` has for it.
 ///
-/// yrs 0.28.1 integrates such a block when nothing else it refers to is missing, without
-/// advancing the client's clock: the content is visible (and can be built on) but is in no
-/// effective update, so it is neither relayed nor persisted (see the test below). The
-/// `ywebsocket` target's persistence check skips sessions that sent one.
+/// yrs 0.28.1 integrates such a block (when nothing else it refers to is missing) behind a
+/// hole, without advancing the client's clock, and a later block spanning that hole made
+/// yrs free memory it still used. `Document::apply` therefore cuts such blocks off before
+/// yrs sees them (`codec::layout`); the sessions that sent one are flagged in the report.
 pub fn clock_gap(known: &yrs::StateVector, update: &yrs::Update) -> bool {
     update
         .state_vector_lower()
@@ -266,12 +281,14 @@ mod tests {
         assert_eq!(report.close, Some(codec::CLOSE_MALFORMED));
     }
 
-    /// Found by the `ywebsocket` target; a yrs bug, not fixed here (see [`clock_gap`]). A
-    /// block at clock 1 of a client the document knows nothing of is integrated, shown, and
-    /// absent from the effective update and the state vector. Fails once yrs keeps such a
-    /// block pending: then drop the `clock_gap` skip in the fuzz target.
+    /// Found by the `ywebsocket` target; a yrs 0.28.1 bug (see [`clock_gap`]). A block at
+    /// clock 1 of a client the document knows nothing of is integrated by yrs, shown, and
+    /// absent from the effective update and the state vector. The server never lets yrs see
+    /// it: the session's update is cut, nothing is shown, the sender is sent our step 1, and
+    /// what was persisted reloads to the live state. The first half is a canary: it fails
+    /// once yrs keeps such a block pending (then `codec::layout` may be retired).
     #[test]
-    fn yrs_integrates_a_block_past_its_clients_clock() {
+    fn a_block_past_its_clients_clock_is_cut_before_yrs_integrates_it() {
         use yrs::updates::decoder::Decode;
         use yrs::{GetString, StateVector};
         // Client 4, one block at clock 1: "hello" at the start of the text `content`.
@@ -285,41 +302,103 @@ mod tests {
             txn.apply_update(u).unwrap();
             txn.encode_update_v1()
         };
-        assert_eq!(text.get_string(&doc.transact()), "hello", "shown");
+        assert_eq!(text.get_string(&doc.transact()), "hello", "yrs shows it");
         assert_eq!(
             effective,
             yrs::Update::EMPTY_V1,
             "but not in the effective update"
         );
-        let persisted = doc_session(
-            [
-                yrs::sync::Message::Sync(yrs::sync::SyncMessage::Update(update.to_vec()))
-                    .encode_v1()
-                    .as_slice(),
-            ],
-            &CollabConfig::default(),
+
+        let frame =
+            yrs::sync::Message::Sync(yrs::sync::SyncMessage::Update(update.to_vec())).encode_v1();
+        let report = doc_session([frame.as_slice()], &CollabConfig::default());
+        assert!(report.clock_gap);
+        assert_eq!(
+            report.close, None,
+            "not an error: the sender is asked instead"
         );
-        assert!(persisted.clock_gap);
-        let (reloaded, _) = reload(persisted.persisted.iter().map(Vec::as_slice));
+        assert_eq!(report.text, "", "the server does not show it");
+        // Step 1 on join, then a second step 1: the answer to the cut update.
+        let step1s = report
+            .sent
+            .iter()
+            .filter(|m| m.starts_with(&[0, 0]))
+            .count();
+        assert_eq!(step1s, 2, "{:?}", report.sent);
+        let (reloaded, skipped) = reload(report.persisted.iter().map(Vec::as_slice));
+        assert_eq!(skipped, 0);
         let t = reloaded.get_or_insert_text(TEXT_NAME);
-        assert_eq!(t.get_string(&reloaded.transact()), "", "lost on reload");
+        assert_eq!(
+            t.get_string(&reloaded.transact()),
+            "!",
+            "only the server-side edit"
+        );
+        let live = StateVector::decode_v1(&report.state_vector).unwrap();
+        assert_eq!(reloaded.transact().state_vector(), live);
     }
 
-    /// Regression (found by the `ywebsocket` target): this sync step 2 leaves a pending
-    /// update that yrs cannot merge back, and every later `encode_state_as_update` (the next
-    /// client's step 2, `GET .../content?format=update`, versions) panicked under the
-    /// document's lock. Now the update closes the document when it is applied.
+    /// Regression (found by the `ywebsocket` target): a heap use-after-free inside yrs
+    /// 0.28.1. A step 2 put client 6's block at clock 36 behind a hole; the next update's
+    /// block for client 6 at clocks 32..37 spanned the hole's end, and yrs, trimming what it
+    /// knew, split that block twice and kept a pointer to the freed middle piece (seen with
+    /// AddressSanitizer; the input is `fuzz/known/ywebsocket-yrs-use-after-free`). Both
+    /// blocks start past client 6's clock, so both are cut off and yrs never sees them.
     #[test]
-    fn an_update_whose_pending_part_cannot_be_encoded_closes_the_document() {
-        let step2: &[u8] = &[
-            0, 1, 37, 1, 3, 32, 129, 111, 114, 108, 162, 187, 249, 255, 252, 193, 193, 223, 24, 0,
-            2, 21, 1, 1, 4, 116, 0, 2, 113, 149, 0, 0, 35, 0, 0, 0, 0, 1, 10, 2,
+    fn blocks_that_would_span_a_hole_never_reach_yrs() {
+        use yrs::updates::decoder::Decode;
+        let frames: [&[u8]; 4] = [
+            &[0, 0, 1, 0],
+            &[
+                0, 1, 37, 1, 3, 6, 36, 1, 1, 7, 99, 111, 110, 116, 101, 110, 116, 5, 132, 6, 4, 6,
+                32, 119, 111, 114, 108, 100, 68, 6, 0, 3, 62, 62, 32, 1, 6, 1, 0, 5,
+            ],
+            &[
+                0, 2, 21, 1, 1, 6, 32, 4, 1, 7, 99, 111, 110, 116, 101, 110, 116, 5, 104, 101, 108,
+                108, 111, 0,
+            ],
+            &[
+                0, 2, 15, 0, 1, 6, 5, 132, 6, 46, 6, 32, 119, 111, 62, 62, 32, 0,
+            ],
         ];
-        let report = doc_session([step2], &CollabConfig::default());
-        assert!(report.document_closed);
-        assert_eq!(report.close, Some(codec::CLOSE_MALFORMED));
-        // The document's lock is not poisoned: what the session did after still ran.
-        assert!(!report.state_vector.is_empty());
+        let report = doc_session(frames, &CollabConfig::default());
+        assert!(report.clock_gap);
+        assert_eq!(report.close, None);
+        assert!(!report.document_closed);
+        let (reloaded, skipped) = reload(report.persisted.iter().map(Vec::as_slice));
+        assert_eq!(skipped, 0);
+        let live = yrs::StateVector::decode_v1(&report.state_vector).unwrap();
+        assert_eq!(reloaded.transact().state_vector(), live);
+        let t = reloaded.get_or_insert_text(TEXT_NAME);
+        assert_eq!(t.get_string(&reloaded.transact()), report.text + "!");
+    }
+
+    /// Regression (found twice by the `ywebsocket` target): these sync steps 2 leave pending
+    /// blocks that yrs cannot merge back, and every later `encode_state_as_update` (the next
+    /// client's step 2, `GET .../content?format=update`, versions, peer sync replies)
+    /// panicked under the document's lock, poisoning it. First fixed by trying an encoding
+    /// after each update that left something pending; the second input got past that (its
+    /// encoding failed only from an empty state vector). Now every encoding is guarded:
+    /// here the session's content read closes the document, which reloads from the store.
+    /// (The first input put client 32's blocks at clock 14209, which the server now cuts
+    /// off before yrs sees them; here they start at 0, so they reach yrs as before.)
+    #[test]
+    fn updates_whose_pending_part_cannot_be_encoded_close_the_document() {
+        let inputs: [&[u8]; 2] = [
+            &[
+                0, 1, 36, 1, 3, 32, 0, 114, 108, 162, 187, 249, 255, 252, 193, 193, 223, 24, 0, 2,
+                21, 1, 1, 4, 116, 0, 2, 113, 149, 0, 0, 35, 0, 0, 0, 0, 1, 10, 2,
+            ],
+            &[
+                0, 1, 37, 1, 3, 1, 0, 1, 1, 1, 1, 3, 226, 1, 1, 1, 1, 1, 1, 1, 1, 0, 3, 0, 0, 1, 1,
+                0, 3, 0, 0, 0, 0, 0, 0, 0, 116, 0, 42, 0,
+            ],
+        ];
+        for step2 in inputs {
+            let report = doc_session([step2], &CollabConfig::default());
+            assert!(report.document_closed, "{step2:?}");
+            // The document's lock is not poisoned: what the session did after still ran.
+            assert!(!report.state_vector.is_empty());
+        }
     }
 
     /// Regression (found by the `ywebsocket` target): an awareness state at clock u32::MAX

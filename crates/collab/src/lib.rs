@@ -566,7 +566,7 @@ impl Collab {
     /// A loaded document's content, loading it if needed.
     pub async fn content(&self, doc_id: i64, format: Format) -> Result<Content, CollabError> {
         let doc = self.open(doc_id).await?;
-        Ok(read_content(&doc, format))
+        read_content(&doc, format).ok_or(CollabError::Unavailable)
     }
 
     /// Applies a Yjs update (v1) from a bot or the REST API, as if a client sent it.
@@ -578,13 +578,13 @@ impl Collab {
                 self.inner.config.max_update_bytes
             )));
         }
-        if codec::decode_update(update).is_none() {
+        if codec::ClientUpdate::decode(update).is_none() {
             return Err(CollabError::Invalid(
                 "not a Yjs update (v1 encoding)".into(),
             ));
         }
-        self.change(doc_id, |doc| match codec::decode_update(update) {
-            Some(u) => doc.apply(u),
+        self.change(doc_id, |doc| match codec::ClientUpdate::decode(update) {
+            Some(u) => doc.apply(u, true),
             None => Err(doc::ApplyError::Invalid),
         })
         .await
@@ -610,15 +610,22 @@ impl Collab {
         for _ in 0..3 {
             let doc = self.open(doc_id).await?;
             match f(&doc) {
-                Ok(doc::Applied::Changed) => {
+                Ok(applied) if applied.changed => {
                     self.inner.metrics.updates.inc();
                     self.inner.mark_dirty(&doc);
                     doc.fan_out_or_schedule(self.inner.config.max_tick);
                     return Ok(true);
                 }
-                Ok(doc::Applied::Unchanged) => return Ok(false),
+                Ok(_) => return Ok(false),
                 Err(doc::ApplyError::Invalid) => {
                     return Err(CollabError::Invalid("the update does not apply".into()))
+                }
+                Err(doc::ApplyError::Gap) => {
+                    return Err(CollabError::Invalid(
+                        "the update has blocks that start past the document's clock for \
+                         their client: send the changes they follow first"
+                            .into(),
+                    ))
                 }
                 Err(doc::ApplyError::Closed) => continue,
             }
@@ -653,7 +660,8 @@ impl Collab {
             .ok_or(CollabError::NotFound)?;
         let doc = version_doc(&state)?;
         let tmp = Document::new(doc_id, doc, 0, 0, None);
-        Ok((version, read_content(&tmp, format)))
+        let content = read_content(&tmp, format).ok_or(CollabError::Unavailable)?;
+        Ok((version, content))
     }
 
     /// Makes the [`TEXT_NAME`] text what it was in a version, as a new change that every
@@ -755,18 +763,19 @@ fn version_doc(state: &[u8]) -> Result<yrs::Doc, CollabError> {
     Ok(doc)
 }
 
-fn read_content(doc: &Document, format: Format) -> Content {
+/// `None` if the document had to close (see `Document::state_update`).
+fn read_content(doc: &Document, format: Format) -> Option<Content> {
     match format {
-        Format::Text => Content::Text(doc.read(|d| {
+        Format::Text => Some(Content::Text(doc.read(|d| {
             let t = d.get_or_insert_text(TEXT_NAME);
             let txn = d.transact();
             t.get_string(&txn)
-        })),
-        Format::Json => Content::Json(doc.read(|d| {
+        }))),
+        Format::Json => Some(Content::Json(doc.read(|d| {
             let txn = d.transact();
             serde_json::to_value(d.to_json(&txn)).unwrap_or(serde_json::Value::Null)
-        })),
-        Format::Update => Content::Update(doc.state_update()),
+        }))),
+        Format::Update => doc.state_update().map(Content::Update),
     }
 }
 
@@ -777,7 +786,7 @@ async fn save_version(
     auto: bool,
     by: Option<i64>,
 ) -> Result<DocVersion, CollabError> {
-    let state = doc.state_update();
+    let state = doc.state_update().ok_or(CollabError::Unavailable)?;
     let version = inner
         .store
         .create_doc_version(NewDocVersion {
@@ -911,7 +920,7 @@ fn relay_in(inner: &Inner, doc: &Arc<Document>, payload: &[u8]) {
     }
 }
 
-fn remote_update(inner: &Inner, doc: &Arc<Document>, update: yrs::Update) {
+fn remote_update(inner: &Inner, doc: &Arc<Document>, update: codec::ClientUpdate) {
     match doc.apply_remote(update) {
         Ok(doc::Remote::Changed) => doc.fan_out_or_schedule(inner.config.max_tick),
         Ok(doc::Remote::Local) => {
@@ -919,7 +928,7 @@ fn remote_update(inner: &Inner, doc: &Arc<Document>, update: yrs::Update) {
             doc.fan_out_or_schedule(inner.config.max_tick);
         }
         Ok(doc::Remote::Unchanged) | Err(doc::ApplyError::Closed) => {}
-        Err(doc::ApplyError::Invalid) => {
+        Err(doc::ApplyError::Invalid | doc::ApplyError::Gap) => {
             tracing::warn!(
                 doc = doc.id,
                 "an update from another node does not apply; dropped"

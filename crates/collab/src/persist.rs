@@ -160,7 +160,9 @@ async fn compact(inner: &Arc<Inner>, doc: &Arc<Document>) -> Result<Option<(i64,
     };
     // Updates still in the persistence outbox are in memory too; appending them later is
     // harmless (updates are idempotent).
-    let memory = doc.state_update();
+    let Some(memory) = doc.state_update() else {
+        return Err("the document closed".into());
+    };
     let doc_id = doc.id;
     let snapshot = tokio::task::spawn_blocking(move || merged_state(doc_id, &memory, &content))
         .await

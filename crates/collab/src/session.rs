@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::codec::{self, CloseCode, Incoming};
-use crate::doc::{Applied, ApplyError, ConnEntry, DocSink, Document, Outgoing};
+use crate::doc::{ApplyError, ConnEntry, DocSink, Document, Outgoing};
 use crate::Inner;
 
 /// What a connection may do with a document.
@@ -112,6 +112,7 @@ impl DocConnection {
     pub fn handle(&mut self, frame: &[u8]) -> Result<(), CloseCode> {
         let max = self.inner.config.max_update_bytes;
         let msg = codec::decode(frame, max).map_err(|r| r.close_code())?;
+        let incremental = matches!(msg, Incoming::Update(_));
         match msg {
             Incoming::SyncStep1(sv) => {
                 self.sink.send(&self.doc.step2(&sv));
@@ -128,15 +129,22 @@ impl DocConnection {
                     }
                     return Ok(());
                 }
-                match self.doc.apply(update) {
-                    Ok(Applied::Changed) => {
-                        self.inner.metrics.updates.inc();
-                        self.inner.mark_dirty(&self.doc);
-                        self.doc.fan_out_or_schedule(self.inner.config.max_tick);
+                match self.doc.apply(update, false) {
+                    Ok(applied) => {
+                        if applied.changed {
+                            self.inner.metrics.updates.inc();
+                            self.inner.mark_dirty(&self.doc);
+                            self.doc.fan_out_or_schedule(self.inner.config.max_tick);
+                        }
+                        if applied.cut && incremental {
+                            // The client built on content we lack (it reached the client
+                            // some other way): our step 1 makes it send all we lack. Not
+                            // after a step 2, which already was that answer: no ping-pong.
+                            self.sink.send(&self.doc.step1());
+                        }
                         Ok(())
                     }
-                    Ok(Applied::Unchanged) => Ok(()),
-                    Err(ApplyError::Invalid) => Err(codec::CLOSE_MALFORMED),
+                    Err(ApplyError::Invalid | ApplyError::Gap) => Err(codec::CLOSE_MALFORMED),
                     Err(ApplyError::Closed) => Err(codec::CLOSE_UNAVAILABLE),
                 }
             }

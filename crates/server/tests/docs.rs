@@ -12,6 +12,7 @@ mod common;
 
 use std::time::Duration;
 
+use base64::Engine as _;
 use common::{databases, http, STEP};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -562,6 +563,70 @@ async fn bad_input_closes_and_leaves_the_document_untouched() {
     let mut check = Peer::join(&server, doc, &owner).await;
     check.until_text("safe!").await;
     assert_eq!(server_text(&server, &owner, doc).await, "safe!");
+    server.shutdown().await;
+}
+
+/// An edit built on content the server lacks (it reached the editor some other way, say
+/// another provider) is not integrated behind a hole, as yrs 0.28.1 would (and a later
+/// update spanning that hole made yrs free memory it still used: found by the `ywebsocket`
+/// fuzz target). The server cuts it off and sends the editor its step 1; the editor's
+/// step 2 brings the missing part, and nothing is lost. Over REST the same update is a 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_on_content_the_server_lacks_is_fetched_from_its_sender() {
+    let server = TestServer::start_with(CONFIG).await;
+    let (_, owner) = user(&server, "gap").await;
+    let doc = create_doc(&server, &owner, "Gap").await;
+    // The author's two edits; the editor got both elsewhere and sends only the second.
+    let author = Doc::with_client_id(4242);
+    let text = author.get_or_insert_text("content");
+    let first = {
+        let mut txn = author.transact_mut();
+        text.insert(&mut txn, 0, "ab");
+        txn.encode_update_v1()
+    };
+    let second = {
+        let mut txn = author.transact_mut();
+        text.insert(&mut txn, 2, " cd");
+        txn.encode_update_v1()
+    };
+    let (s, body) = rest(
+        &server,
+        &owner,
+        "POST",
+        &format!("/v1/documents/{doc}/updates"),
+        json!({"update": base64::engine::general_purpose::STANDARD.encode(&second)}),
+    )
+    .await;
+    assert_eq!(s, 400, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("past"),
+        "{body}"
+    );
+
+    let mut editor = Peer::join(&server, doc, &owner).await;
+    for u in [&first, &second] {
+        editor
+            .doc
+            .transact_mut()
+            .apply_update(Update::decode_v1(u).unwrap())
+            .unwrap();
+    }
+    editor.send(sync(2, &second)).await;
+    // The server asks (step 1), the peer answers with everything the server lacks.
+    loop {
+        match editor.next().await {
+            Got::Step1 => break,
+            Got::Close(c) => panic!("closed with {c}"),
+            Got::Ended => panic!("ended"),
+            _ => {}
+        }
+    }
+    let mut check = Peer::join(&server, doc, &owner).await;
+    check.until_text("ab cd").await;
+    assert_eq!(server_text(&server, &owner, doc).await, "ab cd");
     server.shutdown().await;
 }
 
