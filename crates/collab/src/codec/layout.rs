@@ -13,7 +13,10 @@
 //!
 //! The walk reads each block with yrs's own content decoder, so clocks and lengths are
 //! exactly the ones yrs will assign. It also refuses what yrs would accept but misplace: a
-//! client listed twice (its blocks would not be in clock order) and clocks past `u32::MAX`.
+//! client listed twice (its blocks would not be in clock order) and clocks past `u32::MAX`;
+//! and the legacy JSON content (Yjs's `ContentJSON`, which Yjs 13 no longer writes), which
+//! yrs decodes with one string more than it encodes, so that the document's own updates of
+//! it never load again (found by the `ywebsocket` fuzz target).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -30,6 +33,8 @@ const SKIP: u8 = 10;
 const HAS_ORIGIN: u8 = 0b1000_0000;
 const HAS_RIGHT_ORIGIN: u8 = 0b0100_0000;
 const HAS_PARENT_SUB: u8 = 0b0010_0000;
+/// The content kind (low four bits of an item's info) of legacy JSON content.
+const CONTENT_JSON: u8 = 2;
 
 /// The block sections of an update, in the order they are encoded.
 #[derive(Debug, Clone)]
@@ -194,6 +199,9 @@ fn block(d: &mut Walker<'_>) -> Result<(u32, bool), Error> {
                 if info & HAS_PARENT_SUB != 0 {
                     d.read_string()?;
                 }
+            }
+            if info & 0b1111 == CONTENT_JSON {
+                return Err(Error::UnexpectedValue);
             }
             let content = ItemContent::decode(d, info)?;
             Ok((content.len_utf16(), false))
@@ -465,6 +473,19 @@ mod tests {
         let past = one_block(7, u32::MAX - 1, "abc");
         assert!(Layout::of(&past).is_none());
         assert!(Layout::of(&one_block(7, u32::MAX - 3, "abc")).is_some());
+    }
+
+    /// Regression (found by the `ywebsocket` target): yrs wrote this content back with
+    /// one string fewer than it reads, so the persisted update did not load.
+    #[test]
+    fn legacy_json_content_is_refused() {
+        let bytes: &[u8] = &[1, 1, 3, 0, 2, 1, 0, 0, 0, 0];
+        let update = Update::decode_v1(bytes).expect("yrs takes it");
+        assert!(
+            Update::decode_v1(&update.encode_v1()).is_err(),
+            "and cannot read back what it writes of it"
+        );
+        assert!(Layout::of(bytes).is_none());
     }
 
     #[test]
