@@ -540,7 +540,9 @@ impl Config {
                 continue;
             };
             let path = match rest {
-                "CONFIG" | "LOG" => continue,
+                // Read elsewhere: the config file's path, the log filter, and the build
+                // script's switch (exported by scripts/fuzz.sh for whole shells).
+                "CONFIG" | "LOG" | "SKIP_WEB" => continue,
                 "LISTEN" => "listen".to_string(),
                 "DATA_DIR" => "data_dir".to_string(),
                 "TOKEN_HMAC_SECRET" => "token.hmac_secret".to_string(),
@@ -809,6 +811,9 @@ mod tests {
             .contains("SWITCHBOARD_CLIENT__MAX_CHANNELS"));
         let e = Config::load(None, env(&[("SWITCHBOARD_NOPE", "1")]), &[]);
         assert!(e.unwrap_err().to_string().contains("unknown key nope"));
+        // Variables that are not config keys are left alone.
+        let skip = env(&[("SWITCHBOARD_SKIP_WEB", "1"), ("SWITCHBOARD_LOG", "debug")]);
+        assert!(Config::load(None, skip, &[]).is_ok());
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("c.toml");
         std::fs::write(&file, "[client]\nping_interval = \"soon\"\n").unwrap();
