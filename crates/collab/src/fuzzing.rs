@@ -372,17 +372,17 @@ mod tests {
         assert_eq!(t.get_string(&reloaded.transact()), report.text + "!");
     }
 
-    /// Regression (found twice by the `ywebsocket` target): these sync steps 2 leave pending
-    /// blocks that yrs cannot merge back, and every later `encode_state_as_update` (the next
+    /// Regression (found twice by the `ywebsocket` target): sync steps 2 that left pending
+    /// blocks yrs cannot merge back, after which every `encode_state_as_update` (the next
     /// client's step 2, `GET .../content?format=update`, versions, peer sync replies)
     /// panicked under the document's lock, poisoning it. First fixed by trying an encoding
     /// after each update that left something pending; the second input got past that (its
-    /// encoding failed only from an empty state vector). Now every encoding is guarded:
-    /// here the session's content read closes the document, which reloads from the store.
-    /// (The first input put client 32's blocks at clock 14209, which the server now cuts
-    /// off before yrs sees them; here they start at 0, so they reach yrs as before.)
+    /// encoding failed only from an empty state vector), so every encoding is now guarded
+    /// and a panic closes the document (`Document::encode_state`). Both inputs carry legacy
+    /// JSON content, which `codec::layout` now refuses before yrs sees it; the guard stays
+    /// for whatever else yrs cannot merge back.
     #[test]
-    fn updates_whose_pending_part_cannot_be_encoded_close_the_document() {
+    fn updates_whose_pending_part_cannot_be_encoded_never_poison_the_document() {
         let inputs: [&[u8]; 2] = [
             &[
                 0, 1, 36, 1, 3, 32, 0, 114, 108, 162, 187, 249, 255, 252, 193, 193, 223, 24, 0, 2,
@@ -395,9 +395,13 @@ mod tests {
         ];
         for step2 in inputs {
             let report = doc_session([step2], &CollabConfig::default());
-            assert!(report.document_closed, "{step2:?}");
-            // The document's lock is not poisoned: what the session did after still ran.
+            assert_eq!(report.close, Some(codec::CLOSE_MALFORMED), "{step2:?}");
+            // The document's lock is not poisoned: the reads after the session ran.
             assert!(!report.state_vector.is_empty());
+            assert!(
+                !report.persisted.is_empty(),
+                "the server-side edit was stored"
+            );
         }
     }
 

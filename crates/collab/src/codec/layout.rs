@@ -16,7 +16,9 @@
 //! client listed twice (its blocks would not be in clock order) and clocks past `u32::MAX`;
 //! and the legacy JSON content (Yjs's `ContentJSON`, which Yjs 13 no longer writes), which
 //! yrs decodes with one string more than it encodes, so that the document's own updates of
-//! it never load again (found by the `ywebsocket` fuzz target).
+//! it never load again; and subdocuments (a `Y.Doc` inside a document), whose yrs 0.28.1
+//! documents are never freed (a reference cycle: LeakSanitizer saw every load of such a
+//! document leak it whole). Both found by the `ywebsocket` fuzz target.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -33,8 +35,10 @@ const SKIP: u8 = 10;
 const HAS_ORIGIN: u8 = 0b1000_0000;
 const HAS_RIGHT_ORIGIN: u8 = 0b0100_0000;
 const HAS_PARENT_SUB: u8 = 0b0010_0000;
-/// The content kind (low four bits of an item's info) of legacy JSON content.
+/// The content kinds (low four bits of an item's info) of legacy JSON content and of
+/// subdocuments.
 const CONTENT_JSON: u8 = 2;
+const CONTENT_DOC: u8 = 9;
 
 /// The block sections of an update, in the order they are encoded.
 #[derive(Debug, Clone)]
@@ -200,7 +204,7 @@ fn block(d: &mut Walker<'_>) -> Result<(u32, bool), Error> {
                     d.read_string()?;
                 }
             }
-            if info & 0b1111 == CONTENT_JSON {
+            if matches!(info & 0b1111, CONTENT_JSON | CONTENT_DOC) {
                 return Err(Error::UnexpectedValue);
             }
             let content = ItemContent::decode(d, info)?;
@@ -486,6 +490,21 @@ mod tests {
             "and cannot read back what it writes of it"
         );
         assert!(Layout::of(bytes).is_none());
+    }
+
+    /// Regression (found by the `ywebsocket` target, LeakSanitizer): a document holding a
+    /// subdocument is never freed by yrs 0.28.1, so every load of it leaked.
+    #[test]
+    fn subdocuments_are_refused() {
+        let doc = Doc::with_client_id(5);
+        let map = doc.get_or_insert_map("m");
+        let bytes = {
+            let mut txn = doc.transact_mut();
+            map.insert(&mut txn, "sub", Doc::new());
+            txn.encode_update_v1()
+        };
+        assert!(Update::decode_v1(&bytes).is_ok(), "yrs takes it");
+        assert!(Layout::of(&bytes).is_none());
     }
 
     #[test]
