@@ -262,7 +262,8 @@ fn select(s: &Stream, f: &HistoryFilter) -> Result<Vec<Arc<Publication>>, Broker
             return Err(BrokerError::UnrecoverablePosition)
         }
         (Some(since), false) => {
-            if since.offset + 1 < first {
+            // The next offset the client wants; past u64::MAX there is none to give.
+            if since.offset.checked_add(1).is_none_or(|next| next < first) {
                 return Err(BrokerError::UnrecoverablePosition);
             }
             s.items
@@ -411,6 +412,15 @@ mod tests {
         });
         assert!(matches!(
             get(wrong, None, false).await,
+            Err(BrokerError::UnrecoverablePosition)
+        ));
+        // Found while writing the fuzz targets: `offset + 1` overflowed (a panic in debug).
+        let last = Some(StreamPosition {
+            offset: u64::MAX,
+            epoch: epoch.clone(),
+        });
+        assert!(matches!(
+            get(last, None, false).await,
             Err(BrokerError::UnrecoverablePosition)
         ));
     }
