@@ -52,9 +52,8 @@ pub(crate) struct Layout {
 #[derive(Debug, Clone)]
 struct Section {
     client: ClientID,
-    /// Byte offsets: just after the block count, and just after the first clock.
+    /// Byte offset just after the block count.
     after_count: usize,
-    after_clock: usize,
     blocks: Vec<Block>,
 }
 
@@ -110,9 +109,8 @@ impl Layout {
         out.write_var(kept.len() as u64);
         for (s, cut) in kept {
             out.write_var(cut as u64);
-            out.extend_from_slice(&bytes[s.after_count..s.after_clock]);
-            let start = s.after_clock;
-            out.extend_from_slice(&bytes[start..s.blocks[cut - 1].end]);
+            // The client id, the first clock and the kept blocks, as they were.
+            out.extend_from_slice(&bytes[s.after_count..s.blocks[cut - 1].end]);
         }
         out.extend_from_slice(&bytes[self.delete_set..]);
         Fit::Trimmed(out)
@@ -171,7 +169,6 @@ fn walk(bytes: &[u8]) -> Result<Layout, Error> {
         sections.push(Section {
             client,
             after_count,
-            after_clock,
             blocks,
         });
     }
