@@ -1,9 +1,12 @@
 //! `kill -9` during a burst of sends loses no acknowledged message (SQLite and PostgreSQL).
 //! The server runs as a real process so that it can be killed without any shutdown path.
 
+mod common;
+
 use std::process::Stdio;
 use std::time::Duration;
 
+use common::free_port;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use switchboard::auth::sign_hs256;
@@ -13,14 +16,6 @@ use tokio::process::{Child, Command};
 use tokio_tungstenite::tungstenite::Message;
 
 const SECRET: &str = "crash-test-secret";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 async fn spawn(db_url: &str, data_dir: &std::path::Path, port: u16) -> Child {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchboard"));

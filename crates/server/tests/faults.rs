@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::free_port;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use switchboard::auth::sign_hs256;
@@ -48,20 +49,7 @@ const SECRET: &str = "faults-test-secret";
 
 /// Fails under CI; otherwise prints a loud SKIP. Returns only when skipping.
 fn missing(what: &str) {
-    if std::env::var_os("CI").is_some() {
-        panic!("{what} is required for the fault tests (CI is set)");
-    }
-    eprintln!("\n======================================================================");
-    eprintln!("SKIPPED: {what}; this fault test did not run.");
-    eprintln!("======================================================================\n");
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    common::missing_service("fault", what)
 }
 
 fn token(user: i64) -> String {

@@ -2,6 +2,7 @@
 //! sharing a PostgreSQL schema of their own and a broker (Redis or NATS) under a key prefix of
 //! their own, so tests never see each other.
 
+use super::free_port;
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -60,20 +61,7 @@ async fn reachable(url: &str) -> bool {
 
 /// Fails under CI; otherwise prints a loud skip notice.
 pub fn missing(what: &str) {
-    if std::env::var_os("CI").is_some() {
-        panic!("{what} is required by the cluster tests (CI is set)");
-    }
-    eprintln!("\n==================================================================");
-    eprintln!("SKIPPED: {what} is not reachable; this cluster test did not run.");
-    eprintln!("==================================================================\n");
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    super::missing_service("cluster", what)
 }
 
 pub struct Node {

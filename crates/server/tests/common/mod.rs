@@ -22,6 +22,26 @@ use tokio_tungstenite::WebSocketStream;
 /// How long any single expectation may wait before the test fails instead of hanging.
 pub const STEP: Duration = Duration::from_secs(5);
 
+/// A free TCP port on the loopback address (for a server started as its own process).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A service a `suite` of tests needs is missing: fails under CI; otherwise prints a loud
+/// SKIP notice and returns (the caller then skips).
+pub fn missing_service(suite: &str, what: &str) {
+    if std::env::var_os("CI").is_some() {
+        panic!("{what} is required by the {suite} tests (CI is set)");
+    }
+    eprintln!("\n======================================================================");
+    eprintln!("SKIPPED: {what} is not reachable; this {suite} test did not run.");
+    eprintln!("======================================================================\n");
+}
+
 /// What the server did to a connection, as seen by the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
