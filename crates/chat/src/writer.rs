@@ -1,13 +1,20 @@
 //! The group-commit writer: one task that owns every write to the rooms' streams.
 //!
-//! Sends queue here (bounded, see [`QUEUE`]); the task takes everything waiting, commits it in
-//! one transaction, broadcasts the results in offset order, and only then answers the
-//! senders. While one batch commits, the next accumulates, so the batch grows with load and
-//! the commit window is the commit itself (~1.5-3 ms), with no timer. Because one task writes
-//! and broadcasts, each room's publications leave in offset order.
+//! Sends queue here (bounded, see [`QUEUE`]); the task takes everything waiting and commits it
+//! in one transaction. While one batch commits, the next accumulates, so the batch grows with
+//! load and the commit window is the commit itself (~1.5-3 ms), with no timer.
+//!
+//! **Delivery.** A committed batch goes to a second task, the deliverer, which broadcasts its
+//! results in offset order and only then answers the senders. The two run on different
+//! worker threads, so batch N+1 commits while batch N is written to the sockets (a batch's
+//! broadcast costs about a third of its commit on PostgreSQL; serialised, the two capped the
+//! writer). Because one task commits and one task broadcasts, in commit order, each room's
+//! publications leave in offset order.
 //!
 //! **Overflow policy:** the queue holds [`QUEUE`] jobs; a sender waits for room (backpressure
-//! onto that client's connection task), so nothing is dropped.
+//! onto that client's connection task), so nothing is dropped. Between the writer and the
+//! deliverer at most [`DELIVERY_QUEUE`] committed batches wait; a full one holds the writer
+//! (backpressure), so a slow broadcast slows commits instead of piling up results.
 //! **Durability:** a sender is answered after its transaction committed.
 //! **Database unavailable:** a batch that fails with `Unavailable` (the store waited its
 //! acquire timeout for a connection, or lost it) also fails everything queued behind it at
@@ -43,6 +50,8 @@ use crate::notify::MentionQueue;
 pub const QUEUE: usize = 8192;
 /// Most messages committed in one transaction.
 pub const BATCH_MAX: usize = 512;
+/// Committed batches waiting for the deliverer (see the module docs).
+const DELIVERY_QUEUE: usize = 4;
 
 pub(crate) enum Job {
     Message(
@@ -52,6 +61,21 @@ pub(crate) enum Job {
     Event(NewEvent, oneshot::Sender<Result<RoomEvent, StoreError>>),
 }
 
+/// What the writer hands the deliverer, in commit order.
+enum Delivery {
+    /// Events of unconfirmed writes found committed: broadcast before anything newer.
+    Found(Vec<RoomEvent>),
+    Event(
+        Result<RoomEvent, StoreError>,
+        oneshot::Sender<Result<RoomEvent, StoreError>>,
+    ),
+    Batch {
+        results: Vec<Result<AppendedMessage, StoreError>>,
+        replies: Vec<oneshot::Sender<Result<AppendedMessage, StoreError>>>,
+        committed: Instant,
+    },
+}
+
 pub(crate) fn channel_of(room_id: i64) -> String {
     format!("chat:{room_id}")
 }
@@ -59,13 +83,40 @@ pub(crate) fn channel_of(room_id: i64) -> String {
 pub(crate) async fn run(
     store: Arc<dyn Store>,
     broker: Arc<dyn Broker>,
-    mut rx: mpsc::Receiver<Job>,
+    rx: mpsc::Receiver<Job>,
     shutdown: CancellationToken,
     moderation: Option<moderation::Queue>,
     mentions: MentionQueue,
 ) {
+    let (tx, deliveries) = mpsc::channel(DELIVERY_QUEUE);
+    // A task of its own, so that it runs on another worker thread than the commits.
+    let deliverer = tokio::spawn(deliver(broker, deliveries, moderation, mentions));
+    write(store, rx, tx, shutdown).await;
+    // The sender is gone: the deliverer finishes what was committed, then ends.
+    if let Err(e) = deliverer.await {
+        tracing::error!(error = %e, "chat deliverer failed");
+    }
+    tracing::debug!("chat writer stopped");
+}
+
+/// The writer's half: commits, and hands every result to the deliverer in commit order.
+async fn write(
+    store: Arc<dyn Store>,
+    mut rx: mpsc::Receiver<Job>,
+    out: mpsc::Sender<Delivery>,
+    shutdown: CancellationToken,
+) {
     let mut pending: Option<Job> = None;
     let mut unconfirmed = Unconfirmed::default();
+    // Fails only once the deliverer is gone, which happens only after this task ends.
+    let hand = |d: Delivery| {
+        let out = out.clone();
+        async move {
+            if out.send(d).await.is_err() {
+                tracing::error!("chat deliverer gone; results not delivered");
+            }
+        }
+    };
     loop {
         let first = match pending.take() {
             Some(j) => j,
@@ -88,14 +139,13 @@ pub(crate) async fn run(
                 if let Ok(e) = &result {
                     if !unconfirmed.is_empty() {
                         let first = HashMap::from([(e.room_id, e.offset)]);
-                        unconfirmed.resolve(&*store, &broker, &first).await;
-                    }
-                    broadcast(&broker, e).await;
-                    if let (Some(q), EventKind::Edit, Some(m)) = (&moderation, e.kind, &e.message) {
-                        q.offer(m, Instant::now(), true);
+                        let found = unconfirmed.resolve(&*store, &first).await;
+                        if !found.is_empty() {
+                            hand(Delivery::Found(found)).await;
+                        }
                     }
                 }
-                let _ = reply.send(result);
+                hand(Delivery::Event(result, reply)).await;
             }
             Job::Message(m, reply) => {
                 let mut batch = vec![m];
@@ -135,8 +185,54 @@ pub(crate) async fn run(
                         let at = first.entry(r.message.room_id).or_insert(r.message.offset);
                         *at = (*at).min(r.message.offset);
                     }
-                    unconfirmed.resolve(&*store, &broker, &first).await;
+                    let found = unconfirmed.resolve(&*store, &first).await;
+                    if !found.is_empty() {
+                        hand(Delivery::Found(found)).await;
+                    }
                 }
+                hand(Delivery::Batch {
+                    results,
+                    replies,
+                    committed,
+                })
+                .await;
+                if unavailable {
+                    fail_queued(&mut rx, &mut pending);
+                }
+            }
+        }
+    }
+}
+
+/// The deliverer's half: broadcasts each committed result in the order the writer committed
+/// them, offers new messages to moderation and mentions, and then answers their senders.
+async fn deliver(
+    broker: Arc<dyn Broker>,
+    mut rx: mpsc::Receiver<Delivery>,
+    moderation: Option<moderation::Queue>,
+    mentions: MentionQueue,
+) {
+    while let Some(d) = rx.recv().await {
+        match d {
+            Delivery::Found(events) => {
+                for e in &events {
+                    broadcast(&broker, e).await;
+                }
+            }
+            Delivery::Event(result, reply) => {
+                if let Ok(e) = &result {
+                    broadcast(&broker, e).await;
+                    if let (Some(q), EventKind::Edit, Some(m)) = (&moderation, e.kind, &e.message) {
+                        q.offer(m, Instant::now(), true);
+                    }
+                }
+                let _ = reply.send(result);
+            }
+            Delivery::Batch {
+                results,
+                replies,
+                committed,
+            } => {
                 for r in results.iter().flatten() {
                     if !r.duplicate {
                         broadcast(&broker, &events::message_event(&r.message)).await;
@@ -154,13 +250,9 @@ pub(crate) async fn run(
                 for (reply, result) in replies.into_iter().zip(results) {
                     let _ = reply.send(result);
                 }
-                if unavailable {
-                    fail_queued(&mut rx, &mut pending);
-                }
             }
         }
     }
-    tracing::debug!("chat writer stopped");
 }
 
 /// Most writes [`Unconfirmed`] remembers; past it, more are dropped (and logged).
@@ -248,18 +340,13 @@ impl Unconfirmed {
     }
 
     /// Called after a write succeeded (so the database answers again), before its results
-    /// are broadcast. `first` holds, per room, the lowest offset that write is about to
-    /// broadcast. Since nothing was written between the failed writes and this one, what
+    /// go to the deliverer. `first` holds, per room, the lowest offset that write is about
+    /// to broadcast. Since nothing was written between the failed writes and this one, what
     /// committed of them is among the room's last events below that offset (or below its
-    /// top, for rooms the write did not touch): those that match are broadcast, in offset
-    /// order. A room whose lookup fails stays for the next time. Returns the (room, offset)
-    /// of each event it broadcast.
-    async fn resolve(
-        &mut self,
-        store: &dyn Store,
-        broker: &Arc<dyn Broker>,
-        first: &HashMap<i64, i64>,
-    ) -> Vec<(i64, i64)> {
+    /// top, for rooms the write did not touch): those that match are returned, in offset
+    /// order per room, for the deliverer to broadcast first. A room whose lookup fails stays
+    /// for the next time.
+    async fn resolve(&mut self, store: &dyn Store, first: &HashMap<i64, i64>) -> Vec<RoomEvent> {
         let mut delivered = Vec::new();
         let rooms: Vec<i64> = self.rooms.keys().copied().collect();
         for room in rooms {
@@ -274,17 +361,18 @@ impl Unconfirmed {
             };
             match found {
                 Ok(events) => {
-                    let mut sent = 0usize;
-                    for e in events.iter().filter(|e| keys.iter().any(|k| k.matches(e))) {
-                        broadcast(broker, e).await;
-                        delivered.push((room, e.offset));
-                        sent += 1;
-                    }
-                    if sent > 0 {
+                    let before = delivered.len();
+                    delivered.extend(
+                        events
+                            .into_iter()
+                            .filter(|e| keys.iter().any(|k| k.matches(e))),
+                    );
+                    let found = delivered.len() - before;
+                    if found > 0 {
                         tracing::info!(
                             room,
-                            sent,
-                            "chat writer: broadcast writes that committed although their \
+                            found,
+                            "chat writer: delivering writes that committed although their \
                              transaction reported an error"
                         );
                     }
@@ -342,7 +430,6 @@ async fn broadcast(broker: &Arc<dyn Broker>, e: &RoomEvent) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use switchboard_hub::MemoryBroker;
     use switchboard_store::testing::TestDatabase;
     use switchboard_store::{NewRoom, NewUser, RoomKind, UserRole};
 
@@ -415,9 +502,9 @@ mod tests {
         let next = append(msg(a, user, Some("new"), "next")).await;
         assert_eq!(next.message.offset, 4);
 
-        let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::default());
         let first = HashMap::from([(a, next.message.offset)]);
-        let mut delivered = unconfirmed.resolve(&*store, &broker, &first).await;
+        let found = unconfirmed.resolve(&*store, &first).await;
+        let mut delivered: Vec<(i64, i64)> = found.iter().map(|e| (e.room_id, e.offset)).collect();
         delivered.sort();
         assert_eq!(delivered, vec![(a, 2), (a, 3), (b, 1)]);
         assert!(unconfirmed.is_empty());
