@@ -35,6 +35,8 @@ use sqlx::{Sqlite, Transaction};
 use crate::plan::{refusal_sql, Lookup, Plan, Refusal, Wanted};
 use crate::{migrations, Backend, StoreOptions};
 
+/// Every write transaction's first statement (see the module docs).
+const BEGIN_WRITE: &str = "BEGIN IMMEDIATE";
 /// How long a connection waits for another process's write lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// The writer's page cache, in KiB (`cache_size` takes a negative number for KiB).
@@ -173,10 +175,7 @@ impl SqliteStore {
     }
 
     async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
-        self.writer
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(db_err)
+        self.writer.begin_with(BEGIN_WRITE).await.map_err(db_err)
     }
 
     /// A read transaction: in WAL mode its reads all see the database as of its first one.
@@ -220,109 +219,107 @@ async fn append_on(
     senders: bool,
 ) -> Result<Vec<Result<AppendedMessage, StoreError>>, StoreError> {
     use sqlx::Connection;
-    {
-        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)?;
-        let now = now_ms();
-        let lookup = lookup(&mut tx, &Wanted::of(&batch, senders), now).await?;
-        let mut plan = Plan::new(batch, lookup, now);
-        let counts: Vec<(i64, i64)> = plan.room_counts().into_iter().collect();
-        let mut ids = HashMap::new();
-        if !counts.is_empty() {
-            // No RETURNING: sqlx hands each returned row across from the connection's thread
-            // on its own, so the rows come back as one JSON array in one row instead.
-            sqlx::query(
-                "UPDATE rooms SET last_offset = last_offset + c.n \
-                 FROM (SELECT value ->> 0 AS id, value ->> 1 AS n FROM json_each($1)) AS c \
-                 WHERE rooms.id = c.id",
+    let mut tx = conn.begin_with(BEGIN_WRITE).await.map_err(db_err)?;
+    let now = now_ms();
+    let lookup = lookup(&mut tx, &Wanted::of(&batch, senders), now).await?;
+    let mut plan = Plan::new(batch, lookup, now);
+    let counts: Vec<(i64, i64)> = plan.room_counts().into_iter().collect();
+    let mut ids = HashMap::new();
+    if !counts.is_empty() {
+        // No RETURNING: the rows come back as one JSON array (see the module docs).
+        let counts_json = json(&counts);
+        sqlx::query(
+            "UPDATE rooms SET last_offset = last_offset + c.n \
+             FROM (SELECT value ->> 0 AS id, value ->> 1 AS n FROM json_each($1)) AS c \
+             WHERE rooms.id = c.id",
+        )
+        .bind(&counts_json)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        let last: Vec<(i64, i64)> = json_rows(
+            sqlx::query_scalar(
+                "SELECT json_group_array(json_array(id, last_offset)) FROM rooms \
+                 WHERE id IN (SELECT value ->> 0 FROM json_each($1))",
             )
-            .bind(json(&counts))
-            .execute(&mut *tx)
+            .bind(&counts_json)
+            .fetch_one(&mut *tx)
             .await
-            .map_err(db_err)?;
-            let last: Vec<(i64, i64)> = json_rows(
-                sqlx::query_scalar(
-                    "SELECT json_group_array(json_array(id, last_offset)) FROM rooms \
-                     WHERE id IN (SELECT value ->> 0 FROM json_each($1))",
+            .map_err(db_err)?,
+        )?;
+        let last: BTreeMap<i64, i64> = last.into_iter().collect();
+        if last.len() != counts.len() {
+            // The lookup found these rooms under the same write lock.
+            return Err(StoreError::other("a room vanished inside its append"));
+        }
+        plan.assign(&last);
+        let rows: Vec<_> = plan
+            .new_rows()
+            .map(|(m, offset)| {
+                let cmid = m.client_msg_id.as_deref();
+                (
+                    m.room_id,
+                    offset,
+                    m.user_id,
+                    cmid,
+                    m.text.as_str(),
+                    m.reply_to,
                 )
-                .bind(json(&counts))
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(db_err)?,
-            )?;
-            let last: BTreeMap<i64, i64> = last.into_iter().collect();
-            if last.len() != counts.len() {
-                // The lookup found these rooms under the same write lock.
-                return Err(StoreError::other("a room vanished inside its append"));
-            }
-            plan.assign(&last);
-            let rows: Vec<_> = plan
-                .new_rows()
-                .map(|(m, offset)| {
-                    let cmid = m.client_msg_id.as_deref();
-                    (
-                        m.room_id,
-                        offset,
-                        m.user_id,
-                        cmid,
-                        m.text.as_str(),
-                        m.reply_to,
-                    )
-                })
-                .collect();
-            sqlx::query(
-                "INSERT INTO messages \
-                 (room_id, seq, user_id, client_msg_id, text, reply_to, created_at) \
-                 SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, \
-                 value ->> 5, $2 FROM json_each($1) ORDER BY key",
-            )
-            .bind(json(&rows))
-            .bind(plan.created_at())
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
-            // Each room's new messages hold a contiguous block of offsets, ending at its new
-            // last offset: copy the blocks into the stream in one statement, then read their
-            // ids back in one row.
-            let blocks = json(
-                &counts
-                    .iter()
-                    .map(|&(room, n)| (room, last[&room] - n + 1, last[&room]))
-                    .collect::<Vec<(i64, i64, i64)>>(),
-            );
-            macro_rules! blocks {
-                () => {
-                    " FROM json_each($1) AS j CROSS JOIN messages AS m ON m.room_id = j.value ->> 0 \
-                     AND m.seq BETWEEN j.value ->> 1 AND j.value ->> 2"
-                };
-            }
-            sqlx::query(concat!(
-                "INSERT INTO room_events (room_id, seq, kind, message_id, user_id, data, created_at) \
-                 SELECT m.room_id, m.seq, 'message', m.id, m.user_id, '{}', m.created_at",
+            })
+            .collect();
+        sqlx::query(
+            "INSERT INTO messages \
+             (room_id, seq, user_id, client_msg_id, text, reply_to, created_at) \
+             SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, \
+             value ->> 5, $2 FROM json_each($1) ORDER BY key",
+        )
+        .bind(json(&rows))
+        .bind(plan.created_at())
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        // Each room's new messages hold a contiguous block of offsets, ending at its new
+        // last offset: copy the blocks into the stream in one statement, then read their
+        // ids back in one row.
+        let blocks = json(
+            &counts
+                .iter()
+                .map(|&(room, n)| (room, last[&room] - n + 1, last[&room]))
+                .collect::<Vec<(i64, i64, i64)>>(),
+        );
+        macro_rules! blocks {
+            () => {
+                " FROM json_each($1) AS j CROSS JOIN messages AS m ON m.room_id = j.value ->> 0 \
+                 AND m.seq BETWEEN j.value ->> 1 AND j.value ->> 2"
+            };
+        }
+        sqlx::query(concat!(
+            "INSERT INTO room_events (room_id, seq, kind, message_id, user_id, data, created_at) \
+             SELECT m.room_id, m.seq, 'message', m.id, m.user_id, '{}', m.created_at",
+            blocks!()
+        ))
+        .bind(&blocks)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        let inserted: Vec<(i64, i64, i64)> = json_rows(
+            sqlx::query_scalar(concat!(
+                "SELECT json_group_array(json_array(m.id, m.room_id, m.seq))",
                 blocks!()
             ))
             .bind(&blocks)
-            .execute(&mut *tx)
+            .fetch_one(&mut *tx)
             .await
-            .map_err(db_err)?;
-            let inserted: Vec<(i64, i64, i64)> = json_rows(
-                sqlx::query_scalar(concat!(
-                    "SELECT json_group_array(json_array(m.id, m.room_id, m.seq))",
-                    blocks!()
-                ))
-                .bind(&blocks)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(db_err)?,
-            )?;
-            ids.extend(
-                inserted
-                    .into_iter()
-                    .map(|(id, room, seq)| ((room, seq), id)),
-            );
-        }
-        tx.commit().await.map_err(db_err)?;
-        Ok(plan.finish(&ids))
+            .map_err(db_err)?,
+        )?;
+        ids.extend(
+            inserted
+                .into_iter()
+                .map(|(id, room, seq)| ((room, seq), id)),
+        );
     }
+    tx.commit().await.map_err(db_err)?;
+    Ok(plan.finish(&ids))
 }
 
 /// Resolves a batch's references in at most four statements, whatever its size (for
