@@ -41,6 +41,11 @@ const SQLITE: &[(i64, &str, &str)] = &[
         "documents",
         include_str!("../migrations/sqlite/0005_documents.sql"),
     ),
+    (
+        6,
+        "message_events",
+        include_str!("../migrations/sqlite/0006_message_events.sql"),
+    ),
 ];
 
 const POSTGRES: &[(i64, &str, &str)] = &[
@@ -68,6 +73,11 @@ const POSTGRES: &[(i64, &str, &str)] = &[
         5,
         "documents",
         include_str!("../migrations/postgres/0005_documents.sql"),
+    ),
+    (
+        6,
+        "message_events",
+        include_str!("../migrations/postgres/0006_message_events.sql"),
     ),
 ];
 
@@ -187,6 +197,73 @@ mod tests {
         .execute(pool)
         .await;
         assert!(bogus.is_err(), "{backend}: the kind CHECK is gone");
+    }
+
+    /// A room's stream written before 0006 (a 'message' row per message in room_events):
+    /// after the migration the store reads the same stream, each offset once.
+    async fn stream_across_0006<DB>(pool: &sqlx::Pool<DB>, backend: Backend, url: &str)
+    where
+        DB: sqlx::Database,
+        <DB as sqlx::Database>::Connection: sqlx::migrate::Migrate,
+        for<'q> <DB as sqlx::Database>::Arguments: sqlx::IntoArguments<DB>,
+        for<'e> &'e sqlx::Pool<DB>: sqlx::Executor<'e, Database = DB>,
+        i64: sqlx::Type<DB> + for<'r> sqlx::Decode<'r, DB>,
+        (i64,): for<'r> sqlx::FromRow<'r, DB::Row>,
+    {
+        migrator_of(&list(backend)[..5]).run(pool).await.unwrap();
+        for sql in [
+            "INSERT INTO users (username, password_hash, display_name, role, created_at) \
+             VALUES ('u', '', 'U', 'user', 0)",
+            "INSERT INTO rooms (kind, name, created_by, created_at, epoch, last_offset) \
+             SELECT 'public', 'r', id, 0, 'e', 3 FROM users",
+            "INSERT INTO messages (room_id, seq, user_id, client_msg_id, text, created_at) \
+             SELECT r.id, s.seq, r.created_by, NULL, 'hi', 0 FROM rooms r \
+             CROSS JOIN (SELECT 1 AS seq UNION ALL SELECT 2) s",
+            "INSERT INTO room_events (room_id, seq, kind, message_id, user_id, data, created_at) \
+             SELECT room_id, seq, 'message', id, user_id, '{}', 0 FROM messages",
+            "INSERT INTO room_events (room_id, seq, kind, message_id, user_id, data, created_at) \
+             SELECT room_id, 3, 'edit', id, user_id, '{\"text\":\"hey\"}', 0 FROM messages \
+             WHERE seq = 1",
+        ] {
+            sqlx::query(sql).execute(pool).await.unwrap();
+        }
+        let (room,): (i64,) = sqlx::query_as("SELECT id FROM rooms")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        migrator(backend).run(pool).await.unwrap();
+        let store = crate::open(url).await.unwrap();
+        let stream = store.events(room, 0, 10).await.unwrap();
+        let got: Vec<(i64, crate::EventKind)> = stream.iter().map(|e| (e.offset, e.kind)).collect();
+        use crate::EventKind::{Edit, Message};
+        assert_eq!(got, [(1, Message), (2, Message), (3, Edit)], "{backend}");
+        let newest = store.events_before(room, 4, 2).await.unwrap();
+        let got: Vec<i64> = newest.iter().map(|e| e.offset).collect();
+        assert_eq!(got, [2, 3], "{backend}: oldest first, the newest two");
+        assert_eq!(stream[2].message.as_ref().map(|m| m.offset), Some(1));
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn sqlite_0006_keeps_the_stream() {
+        use std::str::FromStr;
+        let db = crate::testing::TestDatabase::sqlite();
+        let opts = sqlx::sqlite::SqliteConnectOptions::from_str(db.url())
+            .unwrap()
+            .create_if_missing(true);
+        let pool = sqlx::SqlitePool::connect_with(opts).await.unwrap();
+        stream_across_0006(&pool, Backend::Sqlite, db.url()).await;
+        pool.close().await;
+    }
+
+    #[tokio::test]
+    async fn postgres_0006_keeps_the_stream() {
+        let Some(db) = crate::testing::TestDatabase::postgres().await else {
+            return;
+        };
+        let pool = sqlx::PgPool::connect(db.url()).await.unwrap();
+        stream_across_0006(&pool, Backend::Postgres, db.url()).await;
+        pool.close().await;
     }
 
     #[tokio::test]

@@ -124,6 +124,44 @@ impl PgStore {
             .map_err(db_err)
     }
 
+    /// PostgreSQL's writes run on the caller's runtime (see `Store::writer_runtime`).
+    fn writer_runtime(&self) -> Option<tokio::runtime::Handle> {
+        None
+    }
+
+    /// Stores a batch of moderation flags in one statement.
+    async fn insert_flags(
+        &self,
+        rows: Vec<crate::shared::FlagRow>,
+        created_at: i64,
+    ) -> Result<(), StoreError> {
+        let mut cols = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (message, room, user, reason, detail) in rows {
+            cols.0.push(message);
+            cols.1.push(room);
+            cols.2.push(user);
+            cols.3.push(reason);
+            cols.4.push(detail);
+        }
+        sqlx::query(
+            "INSERT INTO moderation_flags \
+             (message_id, room_id, user_id, reason, detail, created_at) \
+             SELECT m, r, u, reason, detail, $6 \
+             FROM UNNEST($1::BIGINT[], $2::BIGINT[], $3::BIGINT[], $4::TEXT[], $5::TEXT[]) \
+             AS x(m, r, u, reason, detail)",
+        )
+        .bind(cols.0)
+        .bind(cols.1)
+        .bind(cols.2)
+        .bind(cols.3)
+        .bind(cols.4)
+        .bind(created_at)
+        .execute(&self.writer)
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
     /// `append_messages` (and, with `senders`, `append_sends`) for PostgreSQL.
     async fn append_batch(
         &self,
@@ -198,20 +236,15 @@ impl PgStore {
                 texts.push(m.text.as_str());
                 replies.push(m.reply_to);
             }
-            // Messages and their events in one statement: one round trip per batch.
+            // One statement, one round trip per batch. A message's row is also its stream
+            // event (migration 0006).
             let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
-                "WITH m AS ( \
-                     INSERT INTO messages (room_id, seq, user_id, client_msg_id, text, reply_to, created_at) \
-                     SELECT r, s, u, c, t, p, $7 \
-                     FROM UNNEST($1::BIGINT[], $2::BIGINT[], $3::BIGINT[], $4::TEXT[], $5::TEXT[], $6::BIGINT[]) \
-                         AS x(r, s, u, c, t, p) \
-                     ON CONFLICT (user_id, client_msg_id) DO NOTHING \
-                     RETURNING id, room_id, seq, user_id, created_at \
-                 ), e AS ( \
-                     INSERT INTO room_events (room_id, seq, kind, message_id, user_id, data, created_at) \
-                     SELECT room_id, seq, 'message', id, user_id, '{}', created_at FROM m \
-                 ) \
-                 SELECT id, room_id, seq FROM m",
+                "INSERT INTO messages (room_id, seq, user_id, client_msg_id, text, reply_to, created_at) \
+                 SELECT r, s, u, c, t, p, $7 \
+                 FROM UNNEST($1::BIGINT[], $2::BIGINT[], $3::BIGINT[], $4::TEXT[], $5::TEXT[], $6::BIGINT[]) \
+                     AS x(r, s, u, c, t, p) \
+                 ON CONFLICT (user_id, client_msg_id) DO NOTHING \
+                 RETURNING id, room_id, seq",
             )
             .bind(&rooms)
             .bind(&seqs)

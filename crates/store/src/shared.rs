@@ -5,7 +5,8 @@
 //! `CASE`, `COALESCE`. So the `Store` implementation is generated per backend by
 //! [`sql_store!`], which expands the same method bodies against each backend's pool and
 //! row types. A backend module provides `self.reader` / `self.writer` pools, `begin_write`,
-//! `begin_read`, `append_batch`, `BACKEND` and `LOCK_DOCUMENT`; everything else is here.
+//! `begin_read`, `append_batch`, `insert_flags`, `BACKEND` and `LOCK_DOCUMENT`; everything
+//! else is here.
 //!
 //! Rows are decoded by column position, in the order of the `*_cols!` lists below.
 
@@ -103,6 +104,16 @@ macro_rules! event_cols {
         )
     };
 }
+/// A message's own stream event, read from its `messages` row `m` (see migration 0006),
+/// with the same columns as `event_cols!`.
+macro_rules! message_event_cols {
+    () => {
+        concat!(
+            "m.room_id, m.seq, 'message', m.id, m.user_id, '{}', m.created_at, ",
+            msg_cols!("m.")
+        )
+    };
+}
 macro_rules! flag_cols {
     () => {
         "f.id, f.message_id, f.room_id, f.user_id, f.reason, f.detail, f.created_at, \
@@ -156,8 +167,8 @@ pub(crate) const MEMBER_WIDTH: usize = 6;
 pub(crate) const EVENT_WIDTH: usize = 7;
 
 pub(crate) use {
-    ban_cols, doc_cols, event_cols, flag_cols, member_cols, msg_cols, room_cols, user_cols,
-    version_cols,
+    ban_cols, doc_cols, event_cols, flag_cols, member_cols, message_event_cols, msg_cols,
+    room_cols, user_cols, version_cols,
 };
 
 /// Parses a stored enum or JSON value; a failure means the database holds something the
@@ -209,6 +220,10 @@ pub(crate) fn event_data(
     serde_json::Value::Object(obj)
 }
 
+/// One new moderation flag as the backends' `insert_flags` takes it: message, room, user,
+/// reason, detail (JSON text).
+pub(crate) type FlagRow = (i64, i64, i64, String, String);
+
 /// Generates the row decoders and the `Store` impl for one backend.
 /// `$store`: the backend struct; `$row`: its row type.
 macro_rules! sql_store {
@@ -217,7 +232,8 @@ macro_rules! sql_store {
         use $crate::error::db_err;
         use $crate::model::*;
         use $crate::shared::{
-            ban_cols, check_text, doc_cols, event_cols, flag_cols, member_cols, msg_cols, page,
+            ban_cols, check_text, doc_cols, event_cols, flag_cols, member_cols, message_event_cols,
+            msg_cols, page,
             parse_json, parse_stored, room_cols, user_cols, version_cols, DOC_WIDTH, EVENT_WIDTH,
             FLAG_WIDTH, MAX_LABEL_CHARS, MEMBER_WIDTH, ROOM_WIDTH, VERSION_WIDTH,
         };
@@ -420,6 +436,10 @@ macro_rules! sql_store {
         impl $crate::Store for $store {
             fn backend(&self) -> Backend {
                 Self::BACKEND
+            }
+
+            fn writer_runtime(&self) -> Option<tokio::runtime::Handle> {
+                self.writer_runtime()
             }
 
             async fn ping(&self) -> Result<(), StoreError> {
@@ -974,10 +994,15 @@ macro_rules! sql_store {
                 after_offset: i64,
                 limit: u32,
             ) -> Result<Vec<RoomEvent>, StoreError> {
+                // The stream is messages and room_events merged by offset (migration
+                // 0006): the first `limit` of each, then the first `limit` of both.
                 let rows = sqlx::query(concat!(
-                    "SELECT ", event_cols!(), " FROM room_events e \
+                    "SELECT * FROM (SELECT ", event_cols!(), " FROM room_events e \
                      LEFT JOIN messages m ON m.id = e.message_id \
-                     WHERE e.room_id = $1 AND e.seq > $2 ORDER BY e.seq LIMIT $3"
+                     WHERE e.room_id = $1 AND e.seq > $2 ORDER BY e.seq LIMIT $3) AS x \
+                     UNION ALL SELECT * FROM (SELECT ", message_event_cols!(), " FROM messages m \
+                     WHERE m.room_id = $1 AND m.seq > $2 ORDER BY m.seq LIMIT $3) AS y \
+                     ORDER BY 2 LIMIT $3"
                 ))
                 .bind(room_id)
                 .bind(after_offset)
@@ -994,10 +1019,14 @@ macro_rules! sql_store {
                 before_offset: i64,
                 limit: u32,
             ) -> Result<Vec<RoomEvent>, StoreError> {
+                // As in `events`, newest first.
                 let rows = sqlx::query(concat!(
-                    "SELECT ", event_cols!(), " FROM room_events e \
+                    "SELECT * FROM (SELECT ", event_cols!(), " FROM room_events e \
                      LEFT JOIN messages m ON m.id = e.message_id \
-                     WHERE e.room_id = $1 AND e.seq < $2 ORDER BY e.seq DESC LIMIT $3"
+                     WHERE e.room_id = $1 AND e.seq < $2 ORDER BY e.seq DESC LIMIT $3) AS x \
+                     UNION ALL SELECT * FROM (SELECT ", message_event_cols!(), " FROM messages m \
+                     WHERE m.room_id = $1 AND m.seq < $2 ORDER BY m.seq DESC LIMIT $3) AS y \
+                     ORDER BY 2 DESC LIMIT $3"
                 ))
                 .bind(room_id)
                 .bind(before_offset)
@@ -1320,30 +1349,19 @@ macro_rules! sql_store {
                 for f in &flags {
                     check_text("reason", &f.reason)?;
                 }
-                let created_at = now_ms();
-                let mut tx = self.begin_write().await?;
-                for f in &flags {
-                    let detail = match &f.detail {
-                        serde_json::Value::Null => "{}".to_owned(),
-                        d => d.to_string(),
-                    };
-                    sqlx::query(
-                        "INSERT INTO moderation_flags \
-                         (message_id, room_id, user_id, reason, detail, created_at) \
-                         VALUES ($1, $2, $3, $4, $5, $6)",
-                    )
-                    .bind(f.message_id)
-                    .bind(f.room_id)
-                    .bind(f.user_id)
-                    .bind(&f.reason)
-                    .bind(detail)
-                    .bind(created_at)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db_err)?;
-                }
-                tx.commit().await.map_err(db_err)?;
-                Ok(flags.len() as u64)
+                let rows: Vec<$crate::shared::FlagRow> = flags
+                    .into_iter()
+                    .map(|f| {
+                        let detail = match f.detail {
+                            serde_json::Value::Null => "{}".to_owned(),
+                            d => d.to_string(),
+                        };
+                        (f.message_id, f.room_id, f.user_id, f.reason, detail)
+                    })
+                    .collect();
+                let n = rows.len() as u64;
+                self.insert_flags(rows, now_ms()).await?;
+                Ok(n)
             }
 
             async fn flag(&self, id: i64) -> Result<Option<Flag>, StoreError> {

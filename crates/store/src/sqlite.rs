@@ -11,11 +11,20 @@
 //! A batch append is a fixed number of statements whatever its size and however many rooms
 //! it touches (each one is a round trip to the connection's worker thread): begin, the
 //! lookups, one `UPDATE` reserving every room's offsets and one `SELECT` reading them back,
-//! one `INSERT` of the messages, one of their stream events, one `SELECT` of the new ids,
+//! one `INSERT` of the messages (each row is also its stream event), one `SELECT` of the new ids,
 //! commit. Rows and keys go in as one JSON parameter per statement, unpacked by `json_each`
 //! (every value is still bound), and rows come back as one JSON array in one row: sqlx hands
 //! each returned row across threads on its own, so a `RETURNING` of a few hundred rows cost
 //! as many wake-ups.
+//!
+//! **The writer thread.** Batch appends and moderation flags (the writes that come in a
+//! stream) run on a thread of their own, `sqlite-writer`, with a current-thread runtime, and
+//! so does the chat writer task that feeds them (`Store::writer_runtime`). Every statement
+//! is a hop to the connection's worker thread and back; on the server's runtime each wake-up
+//! after a hop waited for a worker busy with sockets (about 1 ms a statement under load,
+//! measured), and the batch held the only writer meanwhile. Here the thread waiting for the
+//! statement is the one that runs next. Other writes (accounts, rooms, documents) are rare
+//! and stay where they are called.
 //!
 //! Durability: `synchronous = FULL`. In WAL mode, NORMAL may lose the last commits on power
 //! loss or an OS crash (never on a process crash); FULL syncs the WAL at every commit, so an
@@ -54,6 +63,66 @@ pub(crate) struct SqliteStore {
     /// Readers; the same pool as `writer` for an in-memory database, which exists only
     /// inside its one connection.
     reader: SqlitePool,
+    /// Where batch appends run (see the module docs).
+    write_thread: WriterThread,
+}
+
+/// A job for the writer thread: a future that reports its own result.
+type WriterJob = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Jobs waiting for the writer thread. Its callers wait for room (backpressure), and in
+/// practice there is one: the chat writer, with one batch at a time.
+const WRITER_JOBS: usize = 16;
+
+/// A thread with a current-thread runtime of its own that runs the batch appends (see the
+/// module docs). Jobs run one at a time, each as a task (a panic fails that job only); the
+/// thread ends when the store is dropped.
+struct WriterThread {
+    jobs: tokio::sync::mpsc::Sender<WriterJob>,
+    /// Its runtime, for `Store::writer_runtime`.
+    handle: tokio::runtime::Handle,
+}
+
+impl WriterThread {
+    fn start() -> Result<WriterThread, StoreError> {
+        let stopped = |e: std::io::Error| {
+            StoreError::Unavailable(format!("cannot start the SQLite writer thread: {e}"))
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(stopped)?;
+        let handle = runtime.handle().clone();
+        let (jobs, mut queue) = tokio::sync::mpsc::channel::<WriterJob>(WRITER_JOBS);
+        std::thread::Builder::new()
+            .name("sqlite-writer".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    while let Some(job) = queue.recv().await {
+                        if tokio::spawn(job).await.is_err() {
+                            tracing::error!("sqlite: a write job panicked");
+                        }
+                    }
+                })
+            })
+            .map_err(stopped)?;
+        Ok(WriterThread { jobs, handle })
+    }
+
+    /// Runs `job` on the thread and waits for its result. A job whose caller went away
+    /// still runs to its end (a batch is never cut off between its statements).
+    async fn run<T: Send + 'static>(
+        &self,
+        job: impl std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let gone = || StoreError::Unavailable("the SQLite writer thread is gone".into());
+        let (reply, result) = tokio::sync::oneshot::channel();
+        let job = Box::pin(async move {
+            let _ = reply.send(job.await);
+        });
+        self.jobs.send(job).await.map_err(|_| gone())?;
+        result.await.map_err(|_| gone())?
+    }
 }
 
 /// Parses the URL, applies the pragmas, and creates the file's directory if missing.
@@ -109,6 +178,37 @@ fn is_memory(url: &str) -> bool {
 }
 
 impl SqliteStore {
+    /// The writer thread's runtime (see `Store::writer_runtime`).
+    fn writer_runtime(&self) -> Option<tokio::runtime::Handle> {
+        Some(self.write_thread.handle.clone())
+    }
+
+    /// Stores a batch of moderation flags in one statement, on the writer thread.
+    async fn insert_flags(
+        &self,
+        rows: Vec<crate::shared::FlagRow>,
+        created_at: i64,
+    ) -> Result<(), StoreError> {
+        let writer = self.writer.clone();
+        self.write_thread
+            .run(async move {
+                let mut tx = writer.begin_with(BEGIN_WRITE).await.map_err(db_err)?;
+                sqlx::query(
+                    "INSERT INTO moderation_flags \
+                     (message_id, room_id, user_id, reason, detail, created_at) \
+                     SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, $2 \
+                     FROM json_each($1) ORDER BY key",
+                )
+                .bind(json(&rows))
+                .bind(created_at)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+                tx.commit().await.map_err(db_err)
+            })
+            .await
+    }
+
     const BACKEND: Backend = Backend::Sqlite;
     /// Finds a document inside a write transaction. No lock clause: `BEGIN IMMEDIATE`
     /// already holds the database's write lock, which excludes every other writer.
@@ -135,7 +235,12 @@ impl SqliteStore {
             synchronous = "FULL",
             "store opened"
         );
-        Ok(SqliteStore { writer, reader })
+        let write_thread = WriterThread::start()?;
+        Ok(SqliteStore {
+            writer,
+            reader,
+            write_thread,
+        })
     }
 
     /// The single-connection write pool, migrated.
@@ -191,24 +296,28 @@ impl SqliteStore {
     /// SQLite connection on a thread of its own), so the batch is written with a fixed
     /// number of statements whatever its size or the number of rooms it touches (see the
     /// module docs). The rows go in as one JSON parameter per statement (unpacked by
-    /// `json_each`), still bound, never spliced into the SQL.
+    /// `json_each`), still bound, never spliced into the SQL. It runs on the writer thread.
     async fn append_batch(
         &self,
         batch: Vec<NewMessage>,
         senders: bool,
     ) -> Result<Vec<Result<AppendedMessage, StoreError>>, StoreError> {
-        let mut conn = self.writer.acquire().await.map_err(db_err)?;
-        let result = append_on(&mut conn, batch, senders).await;
-        if result.is_ok() {
-            // A dropped pool connection goes back through a spawned task, which on a busy
-            // runtime waits its turn behind every runnable connection task; the next batch
-            // waits for the only writer meanwhile (in the chat benchmark, acquiring it took
-            // 6-10 ms a batch that way, 3-6 ms returned here). This runs the same return
-            // (with `after_release`) inline. sqlx marks it `doc(hidden)`; the version is
-            // pinned in Cargo.lock. On an error the drop's path runs instead.
-            conn.return_to_pool().await;
-        }
-        result
+        let writer = self.writer.clone();
+        self.write_thread
+            .run(async move {
+                let mut conn = writer.acquire().await.map_err(db_err)?;
+                let result = append_on(&mut conn, batch, senders).await;
+                if result.is_ok() {
+                    // A dropped pool connection goes back through a spawned task, which
+                    // waits its turn behind every runnable task; the next batch waits for
+                    // the only writer meanwhile. This runs the same return (with
+                    // `after_release`) inline. sqlx marks it `doc(hidden)`; the version is
+                    // pinned in Cargo.lock. On an error the drop's path runs instead.
+                    conn.return_to_pool().await;
+                }
+                result
+            })
+            .await
     }
 }
 
@@ -279,34 +388,20 @@ async fn append_on(
         .await
         .map_err(db_err)?;
         // Each room's new messages hold a contiguous block of offsets, ending at its new
-        // last offset: copy the blocks into the stream in one statement, then read their
-        // ids back in one row.
+        // last offset: read their ids back in one row. (A message's row is also its stream
+        // event: migration 0006.)
         let blocks = json(
             &counts
                 .iter()
                 .map(|&(room, n)| (room, last[&room] - n + 1, last[&room]))
                 .collect::<Vec<(i64, i64, i64)>>(),
         );
-        macro_rules! blocks {
-            () => {
-                " FROM json_each($1) AS j CROSS JOIN messages AS m ON m.room_id = j.value ->> 0 \
-                 AND m.seq BETWEEN j.value ->> 1 AND j.value ->> 2"
-            };
-        }
-        sqlx::query(concat!(
-            "INSERT INTO room_events (room_id, seq, kind, message_id, user_id, data, created_at) \
-             SELECT m.room_id, m.seq, 'message', m.id, m.user_id, '{}', m.created_at",
-            blocks!()
-        ))
-        .bind(&blocks)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
         let inserted: Vec<(i64, i64, i64)> = json_rows(
-            sqlx::query_scalar(concat!(
-                "SELECT json_group_array(json_array(m.id, m.room_id, m.seq))",
-                blocks!()
-            ))
+            sqlx::query_scalar(
+                "SELECT json_group_array(json_array(m.id, m.room_id, m.seq)) \
+                 FROM json_each($1) AS j CROSS JOIN messages AS m ON m.room_id = j.value ->> 0 \
+                 AND m.seq BETWEEN j.value ->> 1 AND j.value ->> 2",
+            )
             .bind(&blocks)
             .fetch_one(&mut *tx)
             .await

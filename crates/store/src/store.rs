@@ -23,6 +23,15 @@ pub trait Store: Send + Sync + 'static {
     /// Which database this is.
     fn backend(&self) -> Backend;
 
+    /// The runtime that runs this store's writes, if it has one of its own (SQLite: see
+    /// its module docs). A task that does little but wait for writes (the chat writer) runs
+    /// best there: each write's result wakes it on a thread that is waiting for it, not on
+    /// a busy worker. `None` (PostgreSQL): the caller's runtime, whose I/O driver owns the
+    /// connections.
+    fn writer_runtime(&self) -> Option<tokio::runtime::Handle> {
+        None
+    }
+
     /// A cheap round trip, for readiness checks.
     async fn ping(&self) -> Result<(), StoreError>;
 
