@@ -11,6 +11,10 @@
 //! writer). Because one task commits and one task broadcasts, in commit order, each room's
 //! publications leave in offset order.
 //!
+//! **Where it runs.** The deliverer runs on the server's runtime; the writer on the store's
+//! write runtime when it has one (SQLite's `sqlite-writer` thread, `Store::writer_runtime`),
+//! so that the end of each commit wakes it at once rather than after the busy workers.
+//!
 //! **Overflow policy:** the queue holds [`QUEUE`] jobs; a sender waits for room (backpressure
 //! onto that client's connection task), so nothing is dropped. Between the writer and the
 //! deliverer at most [`DELIVERY_QUEUE`] committed batches wait; a full one holds the writer
@@ -91,7 +95,17 @@ pub(crate) async fn run(
     let (tx, deliveries) = mpsc::channel(DELIVERY_QUEUE);
     // A task of its own, so that it runs on another worker thread than the commits.
     let deliverer = tokio::spawn(deliver(broker, deliveries, moderation, mentions));
-    write(store, rx, tx, shutdown).await;
+    let writing = write(store.clone(), rx, tx, shutdown);
+    // On the store's own write runtime if it has one (SQLite), where each commit's result
+    // wakes the writer at once instead of queueing for a busy worker.
+    match store.writer_runtime() {
+        Some(runtime) => {
+            if let Err(e) = runtime.spawn(writing).await {
+                tracing::error!(error = %e, "chat writer failed");
+            }
+        }
+        None => writing.await,
+    }
     // The sender is gone: the deliverer finishes what was committed, then ends.
     if let Err(e) = deliverer.await {
         tracing::error!(error = %e, "chat deliverer failed");
