@@ -8,15 +8,22 @@
 //! which in WAL mode never blocks the writer nor waits for it. `busy_timeout` still covers
 //! other processes (a `switchboard migrate` run beside a server).
 //!
-//! A batch append is a fixed number of round trips to the connection's worker thread
-//! whatever its size and however many rooms it touches: begin, the lookups, one `UPDATE`
-//! reserving every room's offsets together with the `SELECT` reading them back, one
-//! `INSERT` of the messages (each row is also its stream event) together with the `SELECT`
-//! of their new ids, commit. (A query of two statements is one round trip; in the store
-//! example, 27 vs 29 µs a message at 100-message batches.) Rows and keys go in as one JSON parameter per statement, unpacked by `json_each`
-//! (every value is still bound), and rows come back as one JSON array in one row: sqlx hands
-//! each returned row across threads on its own, so a `RETURNING` of a few hundred rows cost
-//! as many wake-ups.
+//! A batch append is three round trips to the connection's worker thread whatever its size
+//! and however many rooms it touches, plus sqlx's ping when the connection goes back to the
+//! pool: `BEGIN IMMEDIATE` with one `SELECT` of every lookup (as one JSON object); one
+//! `UPDATE` reserving every room's offsets with the `SELECT` reading them back; one `INSERT`
+//! of the messages (each row is also its stream event) with the `SELECT` of their new ids
+//! and the `COMMIT`. A query of several statements is one round trip. The transaction is
+//! opened and closed by these queries, not by sqlx, so a failed batch rolls itself back
+//! (`abandon`). Under load each round trip waits for a core (the worker thread and the
+//! writer thread both need one): on a loaded 2-core machine, the eight round trips this
+//! used to take (an acquire ping, `BEGIN`, two lookups, the two queries above, `COMMIT`, the
+//! release ping) kept the writer busy most of each second (see BENCHMARKS.md).
+//!
+//! Rows and keys go in as one JSON parameter per statement, unpacked by `json_each` (every
+//! value is still bound), and rows come back as one JSON array in one row: sqlx hands each
+//! returned row across threads on its own, so a `RETURNING` of a few hundred rows cost as
+//! many wake-ups.
 //!
 //! **The writer thread.** Batch appends and moderation flags (the writes that come in a
 //! stream) run on a thread of their own, `sqlite-writer`, with a current-thread runtime, and
@@ -193,19 +200,26 @@ impl SqliteStore {
         let writer = self.writer.clone();
         self.write_thread
             .run(async move {
-                let mut tx = writer.begin_with(BEGIN_WRITE).await.map_err(db_err)?;
-                sqlx::query(
-                    "INSERT INTO moderation_flags \
+                let mut conn = writer.acquire().await.map_err(db_err)?;
+                // One round trip: the transaction and its statement in one query.
+                let result = sqlx::query(
+                    "BEGIN IMMEDIATE; \
+                     INSERT INTO moderation_flags \
                      (message_id, room_id, user_id, reason, detail, created_at) \
                      SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, $2 \
-                     FROM json_each($1) ORDER BY key",
+                     FROM json_each($1) ORDER BY key; \
+                     COMMIT",
                 )
                 .bind(json(&rows))
                 .bind(created_at)
-                .execute(&mut *tx)
+                .execute(&mut *conn)
                 .await
-                .map_err(db_err)?;
-                tx.commit().await.map_err(db_err)
+                .map_err(db_err);
+                match &result {
+                    Ok(_) => conn.return_to_pool().await,
+                    Err(_) => abandon(conn).await,
+                }
+                result.map(drop)
             })
             .await
     }
@@ -259,6 +273,9 @@ impl SqliteStore {
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(options.acquire_timeout)
+            // A ping per acquire is a round trip to the worker thread per write, and a
+            // local file's connection does not go stale the way a socket does.
+            .test_before_acquire(false)
             .after_release(|conn, _| Box::pin(release_writer(conn)))
             .connect_with(opts.clone())
             .await
@@ -293,11 +310,11 @@ impl SqliteStore {
     /// held from `BEGIN IMMEDIATE`, so what the lookup sees (senders' standing included)
     /// cannot change before the commit: no retries are needed.
     ///
-    /// Every statement is a round trip to the connection's worker thread (sqlx runs each
-    /// SQLite connection on a thread of its own), so the batch is written with a fixed
-    /// number of statements whatever its size or the number of rooms it touches (see the
-    /// module docs). The rows go in as one JSON parameter per statement (unpacked by
-    /// `json_each`), still bound, never spliced into the SQL. It runs on the writer thread.
+    /// Every query is a round trip to the connection's worker thread (sqlx runs each SQLite
+    /// connection on a thread of its own), so the batch is written in three queries
+    /// whatever its size or the number of rooms it touches (see the module docs). The rows
+    /// go in as one JSON parameter per statement (unpacked by `json_each`), still bound,
+    /// never spliced into the SQL. It runs on the writer thread.
     async fn append_batch(
         &self,
         batch: Vec<NewMessage>,
@@ -308,13 +325,14 @@ impl SqliteStore {
             .run(async move {
                 let mut conn = writer.acquire().await.map_err(db_err)?;
                 let result = append_on(&mut conn, batch, senders).await;
-                if result.is_ok() {
+                match &result {
                     // A dropped pool connection goes back through a spawned task, which
                     // waits its turn behind every runnable task; the next batch waits for
                     // the only writer meanwhile. This runs the same return (with
                     // `after_release`) inline. sqlx marks it `doc(hidden)`; the version is
-                    // pinned in Cargo.lock. On an error the drop's path runs instead.
-                    conn.return_to_pool().await;
+                    // pinned in Cargo.lock.
+                    Ok(_) => conn.return_to_pool().await,
+                    Err(_) => abandon(conn).await,
                 }
                 result
             })
@@ -322,113 +340,190 @@ impl SqliteStore {
     }
 }
 
-/// `append_batch` on the writer connection.
+/// Ends the transaction that a failed write job opened with its own `BEGIN IMMEDIATE`
+/// (sqlx does not know about it, so nothing else would). When the `ROLLBACK` fails for any
+/// reason but "no transaction is active" (SQLite rolls back by itself on SQLITE_FULL and
+/// some I/O errors), the transaction may still be open: the connection is closed instead,
+/// and the pool opens a fresh one for the next write.
+async fn abandon(mut conn: sqlx::pool::PoolConnection<Sqlite>) {
+    use sqlx::Connection;
+    match sqlx::query("ROLLBACK").execute(&mut *conn).await {
+        Ok(_) => {}
+        Err(e) if e.to_string().contains("no transaction is active") => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "sqlite: rollback failed; reopening the writer connection");
+            let _ = conn.detach().close().await;
+        }
+    }
+}
+
+/// `append_batch` on the writer connection, in three queries: `BEGIN IMMEDIATE` with the
+/// lookup, the offsets `UPDATE` with the `SELECT` reading them back, and the messages
+/// `INSERT` with the `SELECT` of their ids and the `COMMIT`. A query of several statements
+/// is one round trip (`fetch_all` runs them all). On an error the caller rolls back
+/// (`abandon`).
 async fn append_on(
     conn: &mut sqlx::SqliteConnection,
     batch: Vec<NewMessage>,
     senders: bool,
 ) -> Result<Vec<Result<AppendedMessage, StoreError>>, StoreError> {
-    use sqlx::Connection;
-    let mut tx = conn.begin_with(BEGIN_WRITE).await.map_err(db_err)?;
     let now = now_ms();
-    let lookup = lookup(&mut tx, &Wanted::of(&batch, senders), now).await?;
+    let lookup = begin_with_lookup(conn, &Wanted::of(&batch, senders), now).await?;
     let mut plan = Plan::new(batch, lookup, now);
     let counts: Vec<(i64, i64)> = plan.room_counts().into_iter().collect();
-    let mut ids = HashMap::new();
-    if !counts.is_empty() {
-        // No RETURNING: the rows come back as one JSON array (see the module docs).
-        let counts_json = json(&counts);
-        // Two statements in one round trip: the UPDATE returns no row, the SELECT one.
-        let last: Vec<(i64, i64)> = json_rows(
-            sqlx::query_scalar(
-                "UPDATE rooms SET last_offset = last_offset + c.n \
-                 FROM (SELECT value ->> 0 AS id, value ->> 1 AS n FROM json_each($1)) AS c \
-                 WHERE rooms.id = c.id; \
-                 SELECT json_group_array(json_array(id, last_offset)) FROM rooms \
-                 WHERE id IN (SELECT value ->> 0 FROM json_each($1))",
-            )
-            .bind(&counts_json)
-            .fetch_one(&mut *tx)
+    if counts.is_empty() {
+        sqlx::query("COMMIT")
+            .execute(&mut *conn)
             .await
-            .map_err(db_err)?,
-        )?;
-        let last: BTreeMap<i64, i64> = last.into_iter().collect();
-        if last.len() != counts.len() {
-            // The lookup found these rooms under the same write lock.
-            return Err(StoreError::other("a room vanished inside its append"));
-        }
-        plan.assign(&last);
-        let rows: Vec<_> = plan
-            .new_rows()
-            .map(|(m, offset)| {
-                let cmid = m.client_msg_id.as_deref();
-                (
-                    m.room_id,
-                    offset,
-                    m.user_id,
-                    cmid,
-                    m.text.as_str(),
-                    m.reply_to,
-                )
-            })
-            .collect();
-        // Each room's new messages hold a contiguous block of offsets, ending at its new
-        // last offset. One round trip inserts them and reads their ids back in one row
-        // (the INSERT returns no row). A message's row is also its stream event
-        // (migration 0006).
-        let blocks = json(
-            &counts
-                .iter()
-                .map(|&(room, n)| (room, last[&room] - n + 1, last[&room]))
-                .collect::<Vec<(i64, i64, i64)>>(),
-        );
-        let inserted: Vec<(i64, i64, i64)> = json_rows(
-            sqlx::query_scalar(
-                "INSERT INTO messages \
-                 (room_id, seq, user_id, client_msg_id, text, reply_to, created_at) \
-                 SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, \
-                 value ->> 5, $2 FROM json_each($1) ORDER BY key; \
-                 SELECT json_group_array(json_array(m.id, m.room_id, m.seq)) \
-                 FROM json_each($3) AS j CROSS JOIN messages AS m ON m.room_id = j.value ->> 0 \
-                 AND m.seq BETWEEN j.value ->> 1 AND j.value ->> 2",
-            )
-            .bind(json(&rows))
-            .bind(plan.created_at())
-            .bind(&blocks)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db_err)?,
-        )?;
-        ids.extend(
-            inserted
-                .into_iter()
-                .map(|(id, room, seq)| ((room, seq), id)),
-        );
+            .map_err(db_err)?;
+        return Ok(plan.finish(&HashMap::new()));
     }
-    tx.commit().await.map_err(db_err)?;
+    // No RETURNING: the rows come back as one JSON array (see the module docs).
+    let counts_json = json(&counts);
+    // Two statements in one round trip: the UPDATE returns no row, the SELECT one.
+    let last: Vec<(i64, i64)> = json_rows(
+        sqlx::query_scalar(
+            "UPDATE rooms SET last_offset = last_offset + c.n \
+             FROM (SELECT value ->> 0 AS id, value ->> 1 AS n FROM json_each($1)) AS c \
+             WHERE rooms.id = c.id; \
+             SELECT json_group_array(json_array(id, last_offset)) FROM rooms \
+             WHERE id IN (SELECT value ->> 0 FROM json_each($1))",
+        )
+        .bind(&counts_json)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db_err)?,
+    )?;
+    let last: BTreeMap<i64, i64> = last.into_iter().collect();
+    if last.len() != counts.len() {
+        // The lookup found these rooms under the same write lock.
+        return Err(StoreError::other("a room vanished inside its append"));
+    }
+    plan.assign(&last);
+    let rows: Vec<_> = plan
+        .new_rows()
+        .map(|(m, offset)| {
+            let cmid = m.client_msg_id.as_deref();
+            let text = m.text.as_str();
+            (m.room_id, offset, m.user_id, cmid, text, m.reply_to)
+        })
+        .collect();
+    // Each room's new messages hold a contiguous block of offsets, ending at its new last
+    // offset. One round trip inserts them, reads their ids back in one row (the INSERT
+    // returns no row) and commits. A message's row is also its stream event (migration
+    // 0006). `fetch_all`, not `fetch_one`: sqlx stops at the first row of a limited fetch,
+    // and the COMMIT comes after it.
+    let blocks = json(
+        &counts
+            .iter()
+            .map(|&(room, n)| (room, last[&room] - n + 1, last[&room]))
+            .collect::<Vec<(i64, i64, i64)>>(),
+    );
+    let mut inserted: Vec<String> = sqlx::query_scalar(
+        "INSERT INTO messages \
+         (room_id, seq, user_id, client_msg_id, text, reply_to, created_at) \
+         SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, \
+         value ->> 5, $2 FROM json_each($1) ORDER BY key; \
+         SELECT json_group_array(json_array(m.id, m.room_id, m.seq)) \
+         FROM json_each($3) AS j CROSS JOIN messages AS m ON m.room_id = j.value ->> 0 \
+         AND m.seq BETWEEN j.value ->> 1 AND j.value ->> 2; \
+         COMMIT",
+    )
+    .bind(json(&rows))
+    .bind(plan.created_at())
+    .bind(&blocks)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(db_err)?;
+    let inserted: Vec<(i64, i64, i64)> = match inserted.pop() {
+        Some(text) if inserted.is_empty() => json_rows(text)?,
+        _ => return Err(StoreError::other("the batch insert returned no ids row")),
+    };
+    let ids = inserted
+        .into_iter()
+        .map(|(id, room, seq)| ((room, seq), id))
+        .collect();
     Ok(plan.finish(&ids))
 }
 
-/// Resolves a batch's references in at most four statements, whatever its size (for
-/// `append_sends`: the dedupe keys, the refused senders, and replies if any): the key lists
-/// go in as one JSON parameter each and are unpacked by `json_each`.
-async fn lookup(
-    tx: &mut Transaction<'_, Sqlite>,
+/// What `begin_with_lookup` reads, as one JSON object.
+#[derive(serde::Deserialize)]
+struct LookupRows {
+    /// Ids of stored messages with one of the batch's dedupe keys.
+    existing: Vec<i64>,
+    /// `(room_id, user_id, refusal code)` of the refused senders.
+    refused: Vec<(i64, i64, i32)>,
+    users: Vec<i64>,
+    rooms: Vec<i64>,
+    /// `(message id, room id)` of the messages replied to.
+    replies: Vec<(i64, i64)>,
+}
+
+/// Opens the write transaction and resolves a batch's references in the same round trip,
+/// whatever its size: `BEGIN IMMEDIATE`, then one `SELECT` of one JSON object holding the
+/// dedupe keys found, the refused senders (for `append_sends`; usually none), the users and
+/// rooms that exist, and the rooms of replies. The key lists go in as one JSON parameter
+/// each and are unpacked by `json_each`. Duplicates (retries) are rare, so their stored
+/// rows are read by a second query only when there are some.
+async fn begin_with_lookup(
+    conn: &mut sqlx::SqliteConnection,
     wanted: &Wanted,
     now: i64,
 ) -> Result<Lookup, StoreError> {
-    let mut out = Lookup::default();
-    if !wanted.keys.is_empty() {
+    let found: Vec<String> = sqlx::query_scalar(concat!(
+        "BEGIN IMMEDIATE; SELECT json_object(",
         // CROSS JOIN makes json_each the outer loop: one unique-index probe per key.
+        "'existing', (SELECT json_group_array(m.id) FROM json_each($1) AS j \
+         CROSS JOIN messages AS m ON m.user_id = json_extract(j.value, '$[0]') \
+         AND m.client_msg_id = json_extract(j.value, '$[1]')), ",
+        // Only the refused pairs; LEFT JOINs keep json_each the outer loop, with one
+        // primary-key probe per table and pair.
+        "'refused', (SELECT json_group_array(json_array(j.value ->> 0, j.value ->> 1, ",
+        refusal_sql!(code),
+        ")) FROM json_each($2) AS j \
+         LEFT JOIN rooms AS r ON r.id = j.value ->> 0 \
+         LEFT JOIN room_members AS rm ON rm.room_id = r.id AND rm.user_id = j.value ->> 1 \
+         LEFT JOIN user_bans AS b ON b.user_id = rm.user_id WHERE ",
+        refusal_sql!(where "$3"),
+        "), 'users', (SELECT json_group_array(id) FROM users \
+         WHERE id IN (SELECT value FROM json_each($4))), \
+         'rooms', (SELECT json_group_array(id) FROM rooms \
+         WHERE id IN (SELECT value FROM json_each($5))), \
+         'replies', (SELECT json_group_array(json_array(id, room_id)) FROM messages \
+         WHERE id IN (SELECT value FROM json_each($6))))"
+    ))
+    .bind(json(&wanted.keys))
+    .bind(json(&wanted.senders))
+    .bind(now)
+    .bind(json(&wanted.users))
+    .bind(json(&wanted.rooms))
+    .bind(json(&wanted.replies))
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(db_err)?;
+    let found: LookupRows = match found.as_slice() {
+        [text] => json_rows(text.clone())?,
+        _ => return Err(StoreError::other("the batch lookup returned no row")),
+    };
+    let mut out = Lookup {
+        users: found.users.into_iter().collect(),
+        rooms: found.rooms.into_iter().collect(),
+        reply_rooms: found.replies.into_iter().collect(),
+        ..Lookup::default()
+    };
+    if !wanted.senders.is_empty() {
+        let refused = found.refused.into_iter();
+        let refused = refused.map(|(room, user, code)| ((room, user), Refusal::from_code(code)));
+        out.refused = Some(refused.collect());
+    }
+    if !found.existing.is_empty() {
         let rows = sqlx::query(concat!(
             "SELECT ",
-            msg_cols!("m."),
-            " FROM json_each($1) AS j CROSS JOIN messages AS m \
-             ON m.user_id = json_extract(j.value, '$[0]') \
-             AND m.client_msg_id = json_extract(j.value, '$[1]')"
+            msg_cols!(""),
+            " FROM messages WHERE id IN (SELECT value FROM json_each($1))"
         ))
-        .bind(json(&wanted.keys))
-        .fetch_all(&mut **tx)
+        .bind(json(&found.existing))
+        .fetch_all(&mut *conn)
         .await
         .map_err(db_err)?;
         for r in &rows {
@@ -436,60 +531,6 @@ async fn lookup(
             let key = (m.user_id, m.client_msg_id.clone().unwrap_or_default());
             out.existing.insert(key, m);
         }
-    }
-    if !wanted.senders.is_empty() {
-        // Only the refused pairs come back (usually none); LEFT JOINs keep json_each the
-        // outer loop, with one primary-key probe per table and pair.
-        let rows: Vec<(i64, i64, i32)> = sqlx::query_as(concat!(
-            "SELECT j.value ->> 0, j.value ->> 1, ",
-            refusal_sql!(code),
-            " FROM json_each($1) AS j \
-             LEFT JOIN rooms AS r ON r.id = j.value ->> 0 \
-             LEFT JOIN room_members AS rm ON rm.room_id = r.id AND rm.user_id = j.value ->> 1 \
-             LEFT JOIN user_bans AS b ON b.user_id = rm.user_id WHERE ",
-            refusal_sql!(where "$2"),
-        ))
-        .bind(json(&wanted.senders))
-        .bind(now)
-        .fetch_all(&mut **tx)
-        .await
-        .map_err(db_err)?;
-        let refused = rows.into_iter();
-        let refused = refused.map(|(room, user, code)| ((room, user), Refusal::from_code(code)));
-        out.refused = Some(refused.collect());
-    }
-    if !wanted.users.is_empty() {
-        out.users = sqlx::query_scalar(
-            "SELECT id FROM users WHERE id IN (SELECT value FROM json_each($1))",
-        )
-        .bind(json(&wanted.users))
-        .fetch_all(&mut **tx)
-        .await
-        .map_err(db_err)?
-        .into_iter()
-        .collect();
-    }
-    if !wanted.rooms.is_empty() {
-        out.rooms = sqlx::query_scalar(
-            "SELECT id FROM rooms WHERE id IN (SELECT value FROM json_each($1))",
-        )
-        .bind(json(&wanted.rooms))
-        .fetch_all(&mut **tx)
-        .await
-        .map_err(db_err)?
-        .into_iter()
-        .collect();
-    }
-    if !wanted.replies.is_empty() {
-        out.reply_rooms = sqlx::query_as::<_, (i64, i64)>(
-            "SELECT id, room_id FROM messages WHERE id IN (SELECT value FROM json_each($1))",
-        )
-        .bind(json(&wanted.replies))
-        .fetch_all(&mut **tx)
-        .await
-        .map_err(db_err)?
-        .into_iter()
-        .collect();
     }
     Ok(out)
 }
@@ -505,3 +546,78 @@ fn json<T: serde::Serialize>(v: &T) -> String {
 }
 
 crate::shared::sql_store!(SqliteStore, SqliteRow);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{NewRoom, NewUser, RoomKind, Store, UserRole};
+
+    fn msg(room_id: i64, user_id: i64, cmid: &str, text: &str) -> NewMessage {
+        NewMessage {
+            room_id,
+            user_id,
+            client_msg_id: Some(cmid.to_owned()),
+            text: text.to_owned(),
+            reply_to: None,
+        }
+    }
+
+    /// A batch whose statements fail inside the database (past everything `Plan` checks)
+    /// leaves no transaction open behind it: the next batch, and the other writes that go
+    /// through sqlx's own transactions, still succeed, and nothing of the failed batch is
+    /// stored.
+    #[tokio::test]
+    async fn a_failed_batch_leaves_the_writer_usable() {
+        let store = SqliteStore::open("sqlite::memory:", &StoreOptions::default())
+            .await
+            .unwrap();
+        let user = NewUser {
+            username: "alice".into(),
+            password_hash: "x".into(),
+            display_name: "Alice".into(),
+            role: UserRole::User,
+        };
+        let alice = store.create_user(user).await.unwrap();
+        let room = NewRoom {
+            kind: RoomKind::Public,
+            name: "general".into(),
+            created_by: alice.id,
+        };
+        let r = store.create_room(room).await.unwrap();
+        sqlx::query(
+            "CREATE TRIGGER poison BEFORE INSERT ON messages WHEN NEW.text = 'poison' \
+             BEGIN SELECT RAISE(ABORT, 'poisoned'); END",
+        )
+        .execute(&store.writer)
+        .await
+        .unwrap();
+
+        let out = store
+            .append_messages(vec![
+                msg(r.id, alice.id, "a", "fine"),
+                msg(r.id, alice.id, "b", "poison"),
+            ])
+            .await;
+        assert!(out.iter().all(|m| m.is_err()), "{out:?}");
+
+        let out = store
+            .append_messages(vec![msg(r.id, alice.id, "c", "after")])
+            .await;
+        let appended = out.into_iter().next().unwrap().unwrap();
+        assert_eq!(
+            appended.message.offset, 1,
+            "the failed batch reserved no offsets"
+        );
+        let room = NewRoom {
+            kind: RoomKind::Public,
+            name: "second".into(),
+            created_by: alice.id,
+        };
+        store.create_room(room).await.unwrap();
+        let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM messages")
+            .fetch_one(&store.reader)
+            .await
+            .unwrap();
+        assert_eq!(stored, 1);
+    }
+}
