@@ -56,13 +56,16 @@ use crate::{migrations, Backend, StoreOptions};
 const BEGIN_WRITE: &str = "BEGIN IMMEDIATE";
 /// How long a connection waits for another process's write lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// The page size of a new database file, in bytes (see `connect_options`).
+const PAGE_SIZE: u32 = 2048;
 /// The writer's page cache, in KiB (`cache_size` takes a negative number for KiB).
 const WRITER_CACHE_KIB: i64 = 32 * 1024;
 /// The WAL length, in pages, past which the writer checkpoints after a commit (SQLite's
 /// default is 1,000). A hot page written by many commits is copied to the database once per
 /// checkpoint, so a longer WAL copies less per message (measured: 13.2 KB written per
-/// message at 1,000, 9.4 KB at 10,000); the cost is a WAL file of about 40 MB (4 KiB pages)
-/// before each checkpoint, which a reader pinning an old snapshot can stretch.
+/// message at 1,000, 9.4 KB at 10,000, with 4 KiB pages); the cost is a WAL file of about
+/// 20 MB (2 KiB pages; 40 MB in an older database of 4 KiB pages) before each checkpoint,
+/// which a reader pinning an old snapshot can stretch.
 const WAL_AUTOCHECKPOINT_PAGES: u32 = 10_000;
 
 pub(crate) struct SqliteStore {
@@ -145,7 +148,15 @@ fn connect_options(url: &str) -> Result<SqliteConnectOptions, StoreError> {
         // Statement journals (every multi-row INSERT under a UNIQUE constraint keeps one, to
         // undo itself on a conflict) stay in memory instead of spilling to a temporary file
         // past 64 KiB: a batch's journal is a few MB, written and thrown away each commit.
-        .pragma("temp_store", "memory");
+        .pragma("temp_store", "memory")
+        // A new database's page size (an existing one keeps its own: in WAL mode only a
+        // VACUUM in another journal mode changes it). A batch dirties about one index leaf
+        // per room and per sender, each written whole to the WAL at commit, so smaller
+        // pages write less: in the store example (200 rooms × 4 users, 100-message
+        // batches), 5.0 KB written and 54 µs of store time a message at 2 KiB, against 6.8
+        // KB and 66 µs at SQLite's default of 4 KiB (and 4.4 KB but 58 µs at 1 KiB, where
+        // the deeper trees cost more than the bytes saved).
+        .page_size(PAGE_SIZE);
     if !is_memory(url) {
         if let Some(dir) = opts.get_filename().parent() {
             if !dir.as_os_str().is_empty() {
@@ -619,5 +630,23 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(stored, 1);
+    }
+
+    /// The page size is set before the first table is created (sqlx orders the pragmas);
+    /// set later, SQLite would ignore it silently.
+    #[tokio::test]
+    async fn a_new_database_has_small_pages() {
+        let dir = std::env::temp_dir().join(format!("sb-pages-{}", std::process::id()));
+        let url = format!("sqlite:{}", dir.join("pages.db").display());
+        let store = SqliteStore::open(&url, &StoreOptions::default())
+            .await
+            .unwrap();
+        let size: i64 = sqlx::query_scalar("PRAGMA page_size")
+            .fetch_one(&store.reader)
+            .await
+            .unwrap();
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(size, i64::from(PAGE_SIZE));
     }
 }
