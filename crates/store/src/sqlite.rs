@@ -52,8 +52,14 @@ use sqlx::{Sqlite, Transaction};
 use crate::plan::{refusal_sql, Lookup, Plan, Refusal, Wanted};
 use crate::{migrations, Backend, StoreOptions};
 
-/// Every write transaction's first statement (see the module docs).
-const BEGIN_WRITE: &str = "BEGIN IMMEDIATE";
+/// Every write transaction's first statement (see the module docs), as a macro so that
+/// the queries that open their own transaction can `concat!` it.
+macro_rules! begin_write {
+    () => {
+        "BEGIN IMMEDIATE"
+    };
+}
+const BEGIN_WRITE: &str = begin_write!();
 /// How long a connection waits for another process's write lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// The page size of a new database file, in bytes (see `connect_options`).
@@ -215,23 +221,20 @@ impl SqliteStore {
             .run(async move {
                 let mut conn = writer.acquire().await.map_err(db_err)?;
                 // One round trip: the transaction and its statement in one query.
-                let result = sqlx::query(
-                    "BEGIN IMMEDIATE; \
-                     INSERT INTO moderation_flags \
+                let result = sqlx::query(concat!(
+                    begin_write!(),
+                    "; INSERT INTO moderation_flags \
                      (message_id, room_id, user_id, reason, detail, created_at) \
                      SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, $2 \
                      FROM json_each($1) ORDER BY key; \
-                     COMMIT",
-                )
+                     COMMIT"
+                ))
                 .bind(json(&rows))
                 .bind(created_at)
                 .execute(&mut *conn)
                 .await
                 .map_err(db_err);
-                match &result {
-                    Ok(_) => conn.return_to_pool().await,
-                    Err(_) => abandon(conn).await,
-                }
+                give_back(conn, result.is_ok()).await;
                 result.map(drop)
             })
             .await
@@ -338,18 +341,25 @@ impl SqliteStore {
             .run(async move {
                 let mut conn = writer.acquire().await.map_err(db_err)?;
                 let result = append_on(&mut conn, batch, senders).await;
-                match &result {
-                    // A dropped pool connection goes back through a spawned task, which
-                    // waits its turn behind every runnable task; the next batch waits for
-                    // the only writer meanwhile. This runs the same return (with
-                    // `after_release`) inline. sqlx marks it `doc(hidden)`; the version is
-                    // pinned in Cargo.lock.
-                    Ok(_) => conn.return_to_pool().await,
-                    Err(_) => abandon(conn).await,
-                }
+                give_back(conn, result.is_ok()).await;
                 result
             })
             .await
+    }
+}
+
+/// Returns the writer connection after a write job that opened and closed its own
+/// transaction: inline when it succeeded, through `abandon` when it failed.
+///
+/// A dropped pool connection goes back through a spawned task, which waits its turn behind
+/// every runnable task; the next batch waits for the only writer meanwhile. This runs the
+/// same return (with `after_release`) inline. sqlx marks it `doc(hidden)`; the version is
+/// pinned in Cargo.lock.
+async fn give_back(mut conn: sqlx::pool::PoolConnection<Sqlite>, succeeded: bool) {
+    if succeeded {
+        conn.return_to_pool().await;
+    } else {
+        abandon(conn).await;
     }
 }
 
@@ -484,7 +494,8 @@ async fn begin_with_lookup(
     now: i64,
 ) -> Result<Lookup, StoreError> {
     let found: Vec<String> = sqlx::query_scalar(concat!(
-        "BEGIN IMMEDIATE; SELECT json_object(",
+        begin_write!(),
+        "; SELECT json_object(",
         // CROSS JOIN makes json_each the outer loop: one unique-index probe per key.
         "'existing', (SELECT json_group_array(m.id) FROM json_each($1) AS j \
          CROSS JOIN messages AS m ON m.user_id = json_extract(j.value, '$[0]') \
