@@ -65,7 +65,16 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// The page size of a new database file, in bytes (see `connect_options`).
 const PAGE_SIZE: u32 = 2048;
 /// The writer's page cache, in KiB (`cache_size` takes a negative number for KiB).
-const WRITER_CACHE_KIB: i64 = 32 * 1024;
+///
+/// Big enough for a batch's dirty pages (see `writer_pool`), and no bigger, because SQLite
+/// scans the whole cache at some commits: when a b-tree page splits, `balance_nonroot`
+/// parks pages under the lock-byte page's number (page 524,289 with 2 KiB pages), which
+/// lifts the cache's highest key past the end of the file, and the commit's truncate then
+/// walks every cached page to drop what lies beyond it. Under chat load most commits split
+/// a page. With 32 MiB (16,384 pages, full after a few minutes) that walk was 7% of the
+/// writer's CPU at 15,000 msgs/s (`perf`, 3.51.3; found with a gdb watchpoint on the
+/// cache's `iMaxKey`). 8 MiB is 4,096 pages, four times a 512-message batch's dirty pages.
+const WRITER_CACHE_KIB: i64 = 8 * 1024;
 /// The WAL length, in pages, past which the writer checkpoints after a commit (SQLite's
 /// default is 1,000). A hot page written by many commits is copied to the database once per
 /// checkpoint, so a longer WAL copies less per message (measured with 4 KiB pages: 13.2 KB
@@ -281,7 +290,8 @@ impl SqliteStore {
     ) -> Result<SqlitePool, StoreError> {
         // Sized for group commit (see the module docs): a batch of a few hundred messages
         // across as many rooms and senders dirties about two pages per message, more than
-        // the default 2 MiB cache holds, which would spill them to the WAL mid-transaction.
+        // the default 2 MiB cache holds, which would spill them to the WAL mid-transaction
+        // (see `WRITER_CACHE_KIB` for why it is not bigger).
         let opts = opts
             .clone()
             .pragma("cache_size", (-WRITER_CACHE_KIB).to_string())
