@@ -70,10 +70,11 @@ const PAGE_SIZE: u32 = 2048;
 /// scans the whole cache at some commits: when a b-tree page splits, `balance_nonroot`
 /// parks pages under the lock-byte page's number (page 524,289 with 2 KiB pages), which
 /// lifts the cache's highest key past the end of the file, and the commit's truncate then
-/// walks every cached page to drop what lies beyond it. Under chat load most commits split
-/// a page. With 32 MiB (16,384 pages, full after a few minutes) that walk was 7% of the
-/// writer's CPU at 15,000 msgs/s (`perf`, 3.51.3; found with a gdb watchpoint on the
-/// cache's `iMaxKey`). 8 MiB is 4,096 pages, four times a 512-message batch's dirty pages.
+/// walks every cached page to drop what lies beyond it. Under chat load many commits split
+/// a page. With 32 MiB (16,384 pages, full after a few minutes) that walk was 7.2% of the
+/// writer connection's thread at 15,000 msgs/s, and 2.4% with 8 MiB (`perf`, SQLite
+/// 3.51.3; found with a gdb watchpoint on the cache's `iMaxKey`). 8 MiB is 4,096 pages,
+/// about four times the pages a 512-message batch dirties.
 const WRITER_CACHE_KIB: i64 = 8 * 1024;
 /// The WAL length, in pages, past which the writer checkpoints after a commit (SQLite's
 /// default is 1,000). A hot page written by many commits is copied to the database once per
