@@ -9,6 +9,7 @@
 pub mod outbound;
 mod session;
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -148,7 +149,8 @@ pub async fn run(node: Arc<Node>, stream: TcpStream, prefix: Vec<u8>) {
                 Some(Ok(Message::Text(text))) => {
                     // Boxed: command handling is large and short-lived; an idle connection's
                     // task should not carry its state (see BENCHMARKS.md, memory per connection).
-                    if let Err(d) = Box::pin(session.handle_frame(text.as_str())).await {
+                    let handled = corked(&conn, Box::pin(session.handle_frame(text.as_str())));
+                    if let Err(d) = handled.await {
                         break End::Close(d);
                     }
                     timer.as_mut().reset(session.next_deadline().into());
@@ -192,6 +194,21 @@ pub async fn run(node: Arc<Node>, stream: TcpStream, prefix: Vec<u8>) {
     metrics.connections.dec();
     node.connections.fetch_sub(1, Ordering::Relaxed);
     tracing::debug!(client = %id, user = session.user().unwrap_or(""), code, "connection closed");
+}
+
+/// Runs `commands` (a client frame's) with the connection corked, for at most
+/// [`outbound::CORK_MAX`]: pushes that arrive meanwhile go out with the replies, in one write.
+async fn corked<F: Future>(conn: &Conn, mut commands: Pin<Box<F>>) -> F::Output {
+    conn.cork();
+    let out = match tokio::time::timeout(outbound::CORK_MAX, &mut commands).await {
+        Ok(out) => out,
+        Err(_) => {
+            conn.uncork();
+            commands.await
+        }
+    };
+    conn.uncork();
+    out
 }
 
 /// Writes what is pending and the Close frame, then drains the peer until it closes.

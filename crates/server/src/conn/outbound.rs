@@ -7,6 +7,13 @@
 //! does not take is queued, and the connection's own task is woken to write it when the socket
 //! becomes writable; it joins all queued messages into one frame (`\n`-separated) per write.
 //!
+//! **Corking.** While the connection's task runs the commands of a client frame, the
+//! connection is corked ([`Conn::cork`]): pushes queue instead of going out, and when the
+//! frame's replies are sent, [`Conn::uncork`] writes pushes and replies together, as one frame.
+//! A publisher's reply and its own publication, which arrive microseconds apart, then cost one
+//! write and one read instead of two. A cork lasts at most [`CORK_MAX`] (the task uncorks when
+//! a command takes longer), so that is the most a push waits for a slow command.
+//!
 //! **Overflow policy:** the bytes waiting (queued plus held) are bounded by
 //! `client.write_queue_max_bytes`. Past the bound the queue is dropped and the connection is
 //! closed with 3008 (slow); the client then reconnects and recovers from history. Other
@@ -27,6 +34,8 @@ use crate::ws;
 
 /// Largest frame the connection task builds from queued messages; more waits for the next write.
 const BATCH_MAX_BYTES: usize = 64 * 1024;
+/// Longest a connection stays corked while its task runs a frame's commands (module docs).
+pub(crate) const CORK_MAX: std::time::Duration = std::time::Duration::from_millis(10);
 
 enum Item {
     /// A JSON message, framed when written (so queued messages can share a frame).
@@ -79,6 +88,8 @@ struct Outbound {
     /// Channels whose pushes are dropped until the session has them resubscribed.
     blocked: Vec<Arc<str>>,
     control: Vec<Control>,
+    /// Writes queue instead of going out (see [`Conn::cork`]).
+    corked: bool,
     /// Set once: the task closes the connection with this code.
     closing: Option<Disconnect>,
     /// A write failed: nothing more can be written.
@@ -135,7 +146,7 @@ impl Conn {
         if o.broken || o.closing.is_some() {
             return;
         }
-        if o.idle() {
+        if o.idle() && !o.corked {
             let owned;
             let bytes = match (framed, &item) {
                 (Some(f), _) => f,
@@ -163,7 +174,7 @@ impl Conn {
                 }
             }
         } else {
-            // The task is already waiting for the socket to become writable.
+            // Corked, or the task is already waiting for the socket to become writable.
             o.waiting += item.len();
             o.queue.push_back(item);
             self.check_bound(o);
@@ -198,6 +209,32 @@ impl Conn {
     /// Writes queued bytes until the socket is full or the queue empty. Returns true when empty.
     pub fn flush(&self) -> io::Result<bool> {
         let mut o = self.lock();
+        self.flush_locked(&mut o)
+    }
+
+    /// Stops queueing writes: from now on they go straight to the socket when nothing waits.
+    /// Called by the connection's task before it runs a client frame's commands; the replies
+    /// they send queue behind the pushes that arrive meanwhile, and [`Conn::uncork`] writes
+    /// them all at once.
+    pub(crate) fn cork(&self) {
+        self.lock().corked = true;
+    }
+
+    /// Ends a cork: writes what queued, joined into as few frames as fit. What the socket
+    /// does not take waits for the task's next write, as any backlog does.
+    pub(crate) fn uncork(&self) {
+        let mut o = self.lock();
+        if !std::mem::take(&mut o.corked) || o.idle() || o.broken {
+            return;
+        }
+        match self.flush_locked(&mut o) {
+            Ok(true) => {}
+            // The task sees the backlog (or the broken socket) when it next looks.
+            Ok(false) | Err(_) => self.wake.notify_one(),
+        }
+    }
+
+    fn flush_locked(&self, o: &mut Outbound) -> io::Result<bool> {
         loop {
             if !o.partial.is_empty() {
                 match self.stream.try_write(&o.partial) {
@@ -334,7 +371,7 @@ impl Sink for Conn {
                 return;
             }
         }
-        if o.idle() {
+        if o.idle() && !o.corked {
             let framed = d.framed(ws::text_frame);
             self.write_or_queue(&mut o, Item::Msg(d.payload.clone()), Some(framed));
         } else {
@@ -353,5 +390,78 @@ impl Sink for Conn {
             channel: channel.to_owned(),
         });
         self.wake.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    /// A `Conn` on one end of a loopback connection, and the other end.
+    async fn pair() -> (Conn, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        let metrics = Metrics::new(&switchboard_hub::HubMetrics::default());
+        let conn = Conn::new(Arc::from("c"), accepted.unwrap().0, 1 << 20, metrics);
+        (conn, client.unwrap())
+    }
+
+    /// Reads what has arrived within a short wait.
+    async fn received(peer: &mut TcpStream) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(Ok(n)) =
+            tokio::time::timeout(std::time::Duration::from_millis(100), peer.read(&mut buf)).await
+        {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        out
+    }
+
+    fn push(body: &'static str) -> Delivery {
+        Delivery::new(Arc::from("chat:1"), 1, Bytes::from_static(body.as_bytes()))
+    }
+
+    #[tokio::test]
+    async fn a_cork_joins_pushes_and_replies_into_one_frame() {
+        let (conn, mut peer) = pair().await;
+        conn.cork();
+        conn.deliver(&push(r#"{"push":1}"#));
+        conn.send(Bytes::from_static(br#"{"id":7,"publish":{}}"#));
+        assert!(
+            received(&mut peer).await.is_empty(),
+            "nothing leaves while corked"
+        );
+        conn.uncork();
+        assert_eq!(
+            received(&mut peer).await,
+            ws::text_frame(br#"{"push":1}"#.iter().chain(b"\n").chain(br#"{"id":7,"publish":{}}"#).copied().collect::<Vec<u8>>().as_slice()).to_vec()
+        );
+        // Uncorked, a push goes out on its own at once.
+        conn.deliver(&push(r#"{"push":2}"#));
+        assert_eq!(
+            received(&mut peer).await,
+            ws::text_frame(br#"{"push":2}"#).to_vec()
+        );
+        // A second uncork is a no-op; the bound still holds while corked.
+        conn.uncork();
+        assert!(!conn.has_backlog());
+    }
+
+    #[tokio::test]
+    async fn the_write_bound_holds_while_corked() {
+        let (conn, _peer) = pair().await;
+        conn.cork();
+        let big = Bytes::from(vec![b'x'; 600 * 1024]);
+        conn.send(big.clone());
+        assert_eq!(conn.closing(), None);
+        conn.send(big);
+        assert_eq!(conn.closing(), Some(codes::DISCONNECT_SLOW));
     }
 }
