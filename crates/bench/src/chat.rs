@@ -9,8 +9,9 @@
 //!
 //! **Load.** Each member sends on its own clock, spread evenly over one send interval so that
 //! the members do not fire together: `{"id":N,"publish":{"channel":"chat:ID","data":
-//! {"text":"t=<send ns> u=<member> see you…","client_msg_id":"<run>-<member>-<seq>"}}}`, with the
-//! text padded to `--size` bytes. The server answers `{"id":N,"publish":{}}` once the message
+//! {"text":"see you at…","client_msg_id":"<run>-<member>-<seq>-<send ns>"}}}`, with a text of
+//! `--size` bytes of words. The sender and send time ride in the `client_msg_id`, which every
+//! publication carries, so that the text is what a chat's own traffic is (see [`PAD`]). The server answers `{"id":N,"publish":{}}` once the message
 //! is committed, so an answered publish is a persisted message. Sends are open loop: a slow
 //! server makes the latency grow, not the send rate fall (the server handles one
 //! connection's commands one at a time, so a member's later sends queue behind its earlier
@@ -18,7 +19,7 @@
 //!
 //! **What counts.** A message counts when its send time falls in the measured window (after
 //! `--warmup`). Send→ack latency is measured at the sender, send→deliver latency at every
-//! other member of the room, from the time in the text. After the window the bench waits until
+//! other member of the room, from the time in the `client_msg_id`. After the window the bench waits until
 //! every send is answered and every delivery arrived, or until nothing moves for a while.
 //! Finally it checks that each member saw its room's offsets 1, 2, 3 … up to the room's last
 //! offset, with no gap, repeat or reordering (`order_violations`), and that no acknowledged
@@ -82,9 +83,9 @@ pub struct ChatArgs {
     /// Messages per second sent by each member.
     #[arg(long, default_value_t = 1.0)]
     pub rate: f64,
-    /// Length in bytes of each message's text (at least the `t=<ns> u=<member> ` stamp).
-    #[arg(long, default_value_t = 100)]
-    pub size: usize,
+    /// Length in bytes of each message's text.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    pub size: u32,
     /// Length of the measured window.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
@@ -345,7 +346,7 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<ChatReport> {
         rate: args.rate,
         members: n,
         run_tag,
-        size: args.size,
+        size: args.size as usize,
     })));
     tokio::time::sleep_until(window_start.into()).await;
     let server_cpu_start = pid.and_then(|p| procfs::cpu_seconds(Some(p)));
@@ -399,7 +400,7 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<ChatReport> {
         users_per_room: args.users,
         rate_per_user: args.rate,
         offered_per_s: round3(args.rate * n as f64),
-        size: args.size.max(stamp_len(0, n - 1)),
+        size: args.size as usize,
         duration_s: round3(duration_s),
         setup_s,
         connect_s,
@@ -792,19 +793,16 @@ fn record_frame(
     pinged
 }
 
-/// The length of the `t=<ns> u=<member> ` stamp that starts every text.
-fn stamp_len(t: u64, member: usize) -> usize {
-    format!("t={t:019} u={member} ").len()
-}
-
-/// What pads a text to `--size`: ordinary words, cycled and cut at the size. The server's
-/// profanity filter costs per character, and more on runs of one character than on words
-/// (rustrict, measured: 13 µs for 100 bytes of words, 30 µs for a stamp and dots, 260 µs
-/// for a stamp and `x`s), so a text of words is what a chat's own traffic costs it.
+/// What a text is made of: ordinary words, cycled and cut at `--size`. The server's
+/// profanity filter costs per character, and more on digits and runs of one character than
+/// on words (rustrict on a fast machine: 13 µs for 100 bytes of words, 30 µs for a stamp and
+/// dots, 260 µs for a stamp and `x`s; on a slow one 18 µs for the words, 28 µs with a 28-byte
+/// `t=<ns> u=<member>` stamp in front), so a text of words is what a chat's own traffic
+/// costs it, and the bench's stamp goes in the `client_msg_id` instead.
 const PAD: &[u8] = b"see you at the standup tomorrow, the notes from last week are in the doc ";
 
-/// Writes one publish command. The text is `t=<ns> u=<member> ` padded with words ([`PAD`])
-/// to `size` bytes; the `client_msg_id` is `<run>-<member>-<seq>`.
+/// Writes one publish command. The text is `size` bytes of words ([`PAD`]); the
+/// `client_msg_id` is `<run>-<member>-<seq>-<t>`.
 #[allow(clippy::too_many_arguments)]
 fn write_publish(
     out: &mut String,
@@ -820,14 +818,14 @@ fn write_publish(
         out,
         r#"{{"id":{id},"publish":{{"channel":{channel_json},"data":{{"text":""#
     );
-    let text_start = out.len();
-    let _ = write!(out, "t={t} u={member} ");
-    let pad = size.saturating_sub(out.len() - text_start);
-    out.extend(PAD.iter().cycle().take(pad).map(|&b| char::from(b)));
-    let _ = write!(out, r#"","client_msg_id":"{run_tag}-{member}-{seq}"}}}}}}"#);
+    out.extend(PAD.iter().cycle().take(size).map(|&b| char::from(b)));
+    let _ = write!(
+        out,
+        r#"","client_msg_id":"{run_tag}-{member}-{seq}-{t}"}}}}}}"#
+    );
 }
 
-/// The bench's stamp at the start of a message text.
+/// The bench's stamp: who sent a message and when, from its `client_msg_id`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Stamp {
     /// Send time, ns since the UNIX epoch.
@@ -868,7 +866,7 @@ fn parse_line(line: &[u8]) -> ChatLine {
             return ChatLine::Other;
         };
         let stamp =
-            find(publication, b"\"text\":\"t=").and_then(|s| parse_stamp(&publication[s..]));
+            find(publication, b"\"client_msg_id\":\"").and_then(|s| parse_stamp(&publication[s..]));
         return ChatLine::Message { offset, stamp };
     }
     if let Some(rest) = line.strip_prefix(b"{\"id\":") {
@@ -885,11 +883,18 @@ fn parse_line(line: &[u8]) -> ChatLine {
     ChatLine::Other
 }
 
-/// `<ns> u=<member> ...`, the text after `t=`.
+/// `<run>-<member>-<seq>-<ns>"...`, a `client_msg_id` and what follows it.
 fn parse_stamp(s: &[u8]) -> Option<Stamp> {
-    let (t, len) = leading_u64(s)?;
-    let rest = s[len..].strip_prefix(b" u=")?;
-    let (member, _) = leading_u64(rest)?;
+    let run = s.iter().position(|&b| b == b'-' || b == b'"')?;
+    let rest = s[run..].strip_prefix(b"-")?;
+    let (member, len) = leading_u64(rest)?;
+    let rest = rest[len..].strip_prefix(b"-")?;
+    let (_seq, len) = leading_u64(rest)?;
+    let rest = rest[len..].strip_prefix(b"-")?;
+    let (t, len) = leading_u64(rest)?;
+    if rest.get(len) != Some(&b'"') {
+        return None;
+    }
     Some(Stamp {
         t,
         member: u32::try_from(member).ok()?,
@@ -1004,7 +1009,7 @@ mod tests {
     }
 
     #[test]
-    fn publish_commands_carry_a_padded_stamped_text() {
+    fn publish_commands_carry_words_and_a_stamped_id() {
         let mut out = String::new();
         write_publish(
             &mut out,
@@ -1021,17 +1026,15 @@ mod tests {
         assert_eq!(v["publish"]["channel"], "chat:4");
         let text = v["publish"]["data"]["text"].as_str().unwrap();
         assert_eq!(text.len(), 80);
-        assert!(
-            text.starts_with("t=1763916296123456789 u=42 see you"),
-            "{text}"
+        assert!(text.starts_with("see you at the standup"), "{text}");
+        assert_eq!(
+            v["publish"]["data"]["client_msg_id"],
+            "ab-42-5-1763916296123456789"
         );
-        assert_eq!(v["publish"]["data"]["client_msg_id"], "ab-42-5");
-        // A size below the stamp keeps the stamp whole.
         out.clear();
         write_publish(&mut out, 7, "\"c\"", 5, 3, "ab", 0, 1);
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        assert_eq!(v["publish"]["data"]["text"], "t=5 u=3 ");
-        assert_eq!(stamp_len(5, 3), "t=0000000000000000005 u=3 ".len());
+        assert_eq!(v["publish"]["data"]["text"], "s");
     }
 
     #[test]
@@ -1099,9 +1102,14 @@ mod tests {
 
     #[test]
     fn stamps_need_time_and_member() {
-        assert_eq!(parse_stamp(b"12 u=3 xx"), Some(Stamp { t: 12, member: 3 }));
-        assert_eq!(parse_stamp(b"12 xx"), None);
-        assert_eq!(parse_stamp(b"u=3"), None);
+        assert_eq!(
+            parse_stamp(br#"ab-3-7-12","x""#),
+            Some(Stamp { t: 12, member: 3 })
+        );
+        assert_eq!(parse_stamp(br#"ab-3-7","x""#), None, "no time");
+        assert_eq!(parse_stamp(br#"ab-3-7-12x""#), None);
+        assert_eq!(parse_stamp(br#"someone-else""#), None);
+        assert_eq!(parse_stamp(br#"ab""#), None);
     }
 
     #[test]
