@@ -213,21 +213,31 @@ impl Shared {
 
 /// When and how the members send. Handed to every member at once.
 struct Plan {
-    /// Member 0's first send; member i starts `i / n` of a send interval later.
+    /// The first send. Members start spread evenly over one send interval, and a room's
+    /// members are spread too (see [`Plan::due`]).
     begin: Instant,
     /// No send is due at or after this.
     until: Instant,
     rate: f64,
     members: usize,
+    /// Members per room.
+    per_room: usize,
     /// Makes `client_msg_id`s unique across runs by the same users.
     run_tag: String,
     size: usize,
 }
 
 impl Plan {
-    /// When member `i`'s send number `seq` is due.
+    /// When member `i`'s send number `seq` is due. Member `i` is number `i % per_room` of
+    /// room `i / per_room`; its start slot is `(i % per_room) × rooms + i / per_room` of
+    /// `members`, so the members of one room start `1 / per_room` of an interval apart, as
+    /// people in a room who do not type in lockstep. (Numbering slots by `i` put a room's
+    /// members side by side, so they sent together and their pushes shared frames.)
     fn due(&self, i: usize, seq: u64) -> Instant {
-        let phase = i as f64 / self.members as f64;
+        let per_room = self.per_room.max(1);
+        let rooms = self.members.div_ceil(per_room);
+        let slot = (i % per_room) * rooms + i / per_room;
+        let phase = slot as f64 / self.members as f64;
         self.begin + Duration::from_secs_f64((phase + seq as f64) / self.rate)
     }
 }
@@ -345,6 +355,7 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<ChatReport> {
         until,
         rate: args.rate,
         members: n,
+        per_room: args.users,
         run_tag,
         size: args.size as usize,
     })));
@@ -1185,12 +1196,16 @@ mod tests {
             until: begin + Duration::from_secs(1),
             rate: 10.0,
             members: 4,
+            per_room: 2,
             run_tag: String::new(),
             size: 0,
         };
+        // Rooms {0, 1} and {2, 3}: slots 0, 2, 1, 3 of four.
         assert_eq!(p.due(0, 0), begin);
-        assert_eq!(p.due(2, 0), begin + Duration::from_millis(50));
-        assert_eq!(p.due(2, 3), begin + Duration::from_millis(350));
+        assert_eq!(p.due(1, 0), begin + Duration::from_millis(50));
+        assert_eq!(p.due(2, 0), begin + Duration::from_millis(25));
+        assert_eq!(p.due(3, 0), begin + Duration::from_millis(75));
+        assert_eq!(p.due(2, 3), begin + Duration::from_millis(325));
     }
 
     #[test]
