@@ -11,16 +11,18 @@
 //! the members do not fire together: `{"id":N,"publish":{"channel":"chat:ID","data":
 //! {"text":"see you at…","client_msg_id":"<run>-<member>-<seq>-<send ns>"}}}`, with a text of
 //! `--size` bytes of words. The sender and send time ride in the `client_msg_id`, which every
-//! publication carries, so that the text is what a chat's own traffic is (see [`PAD`]). The server answers `{"id":N,"publish":{}}` once the message
-//! is committed, so an answered publish is a persisted message. Sends are open loop: a slow
+//! publication carries, so that the text is what a chat's own traffic is (see [`PAD`]). The
+//! server answers `{"id":N,"publish":{}}` once the message is committed, so an answered
+//! publish is a persisted message. Sends are open loop: a slow
 //! server makes the latency grow, not the send rate fall (the server handles one
 //! connection's commands one at a time, so a member's later sends queue behind its earlier
 //! ones, and that wait is part of the latency).
 //!
 //! **What counts.** A message counts when its send time falls in the measured window (after
 //! `--warmup`). Send→ack latency is measured at the sender, send→deliver latency at every
-//! other member of the room, from the time in the `client_msg_id`. After the window the bench waits until
-//! every send is answered and every delivery arrived, or until nothing moves for a while.
+//! other member of the room, from the time in the `client_msg_id`. After the window the bench
+//! waits until every send is answered and every delivery arrived, or until nothing moves for a
+//! while.
 //! Finally it checks that each member saw its room's offsets 1, 2, 3 … up to the room's last
 //! offset, with no gap, repeat or reordering (`order_violations`), and that no acknowledged
 //! message is missing from that stream (`missing_acked`).

@@ -100,6 +100,11 @@ impl Outbound {
     fn idle(&self) -> bool {
         self.partial.is_empty() && self.queue.is_empty()
     }
+
+    /// A write may go straight to the socket: nothing waits before it and no cork holds it.
+    fn writes_through(&self) -> bool {
+        self.idle() && !self.corked
+    }
 }
 
 pub struct Conn {
@@ -146,7 +151,7 @@ impl Conn {
         if o.broken || o.closing.is_some() {
             return;
         }
-        if o.idle() && !o.corked {
+        if o.writes_through() {
             let owned;
             let bytes = match (framed, &item) {
                 (Some(f), _) => f,
@@ -212,10 +217,9 @@ impl Conn {
         self.flush_locked(&mut o)
     }
 
-    /// Stops queueing writes: from now on they go straight to the socket when nothing waits.
-    /// Called by the connection's task before it runs a client frame's commands; the replies
-    /// they send queue behind the pushes that arrive meanwhile, and [`Conn::uncork`] writes
-    /// them all at once.
+    /// Starts queueing writes instead of sending them. Called by the connection's task before
+    /// it runs a client frame's commands; the replies they send queue behind the pushes that
+    /// arrive meanwhile, and [`Conn::uncork`] writes them all at once.
     pub(crate) fn cork(&self) {
         self.lock().corked = true;
     }
@@ -371,7 +375,7 @@ impl Sink for Conn {
                 return;
             }
         }
-        if o.idle() && !o.corked {
+        if o.writes_through() {
             let framed = d.framed(ws::text_frame);
             self.write_or_queue(&mut o, Item::Msg(d.payload.clone()), Some(framed));
         } else {
